@@ -1,0 +1,1 @@
+"""Index job: reads a model bundle and a catalog, writes an index version."""

@@ -1,0 +1,1 @@
+"""Two-tower retrieval library: features, layers, towers, loss, metrics, artifacts, datasets."""

@@ -1,0 +1,1 @@
+"""Datasets: the on-disk layout, the split protocol, MovieLens conversion, synthetic catalogs."""

@@ -1,0 +1,1 @@
+"""Training job: reads a dataset, writes a model bundle."""
