@@ -1,0 +1,224 @@
+"""Cost and CPU latency of the towers at the ml-100k config, and the serving-export choice.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/bench_model.py                 # all variants + export comparison
+    .venv/bin/python bench/bench_model.py --no-export     # skip torch.compile (slow to warm up)
+    .venv/bin/python bench/bench_model.py --json out.json # also write the JSON to a file
+
+For every arrangement (parallel, stacked, deep, cross) x cross kind (full, lowrank, mix,
+masked) it prints the parameters (dense and total, shared table once), FLOPs per example
+of each tower (`retrieval.cost` conventions) and the median latency of one forward pass
+of the query tower at batch 1 and 1024 and of the item tower at batch 1024, in eval mode
+under ``torch.inference_mode``. "deep" has no cross network, so it is run once.
+
+The export section times the default query tower (parallel, full) as plain eager,
+``torch.jit.trace`` and ``torch.compile(dynamic=True)`` at batch 1 and 1024, next to
+the largest difference from eager outputs (a speed number is only kept when it is
+correct). It prints one JSON document, then the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrieval.cost import model_cost
+from retrieval.features import FeatureInput, FeatureKind
+from retrieval.towers import (
+    ARRANGEMENTS,
+    Batch,
+    ModelConfig,
+    TowerConfig,
+    TwoTowerModel,
+    export_query_tower,
+    random_batch,
+)
+
+CROSS_KINDS = ("full", "lowrank", "mix", "masked")
+BATCH_SIZES = (1, 1024)
+
+# ml-100k: 943 users and 1682 items, plus the PAD and OOV rows.
+QUERY_FEATURES = (
+    FeatureInput("user_id", FeatureKind.CATEGORICAL, 945, 32),
+    FeatureInput("age_bucket", FeatureKind.CATEGORICAL, 9, 8),
+    FeatureInput("gender", FeatureKind.CATEGORICAL, 4, 4),
+    FeatureInput("occupation", FeatureKind.CATEGORICAL, 23, 8),
+    FeatureInput("zip_prefix", FeatureKind.CATEGORICAL, 100, 8),
+    FeatureInput("history", FeatureKind.HISTORY, 1684, 32, shared_with="item_id"),
+)
+ITEM_FEATURES = (
+    FeatureInput("item_id", FeatureKind.CATEGORICAL, 1684, 32),
+    FeatureInput("genres", FeatureKind.BAG, 21, 16),
+    FeatureInput("year_bucket", FeatureKind.CATEGORICAL, 20, 8),
+    FeatureInput("title_tokens", FeatureKind.HASHED_BAG, 20002, 16),
+)
+LENGTHS = {"history": 50, "genres": 6, "title_tokens": 12}
+
+
+def ml100k_config(arrangement: str = "parallel", cross_kind: str = "full") -> ModelConfig:
+    """The benchmark model: the library defaults on the ml-100k features."""
+    return ModelConfig(
+        query=TowerConfig(features=QUERY_FEATURES, arrangement=arrangement, cross_kind=cross_kind),  # type: ignore[arg-type]
+        item=TowerConfig(features=ITEM_FEATURES, arrangement=arrangement, cross_kind=cross_kind),  # type: ignore[arg-type]
+    )
+
+
+def median_ms(
+    function: Callable[[Batch], torch.Tensor], batch: Batch, min_seconds: float, min_runs: int
+) -> dict[str, float]:
+    """Median and p90 of single calls, after warm-up, over >= min_runs and >= min_seconds."""
+    for _ in range(3):
+        function(batch)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        function(batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "runs": len(times),
+    }
+
+
+def bench_variants(min_seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    query_batches = {
+        b: random_batch(QUERY_FEATURES, b, LENGTHS, generator=generator) for b in BATCH_SIZES
+    }
+    item_batch = random_batch(ITEM_FEATURES, 1024, LENGTHS, generator=generator)
+    for arrangement in ARRANGEMENTS:
+        for kind in CROSS_KINDS:
+            if arrangement == "deep" and kind != "full":
+                continue  # no cross network: the kind changes nothing
+            config = ml100k_config(arrangement, kind)
+            model = TwoTowerModel(config).eval()
+            cost = model_cost(config)
+            row: dict[str, Any] = {
+                "arrangement": arrangement,
+                "cross_kind": kind if arrangement != "deep" else "-",
+                "params_total": cost.params,
+                "params_dense_query": cost.query.params_dense,
+                "params_dense_item": cost.item.params_dense,
+                "flops_query": cost.query.flops,
+                "flops_item": cost.item.flops,
+            }
+            with torch.inference_mode():
+                for b, batch in query_batches.items():
+                    timing = median_ms(model.query_tower, batch, min_seconds, 20)
+                    row[f"query_b{b}_ms"] = timing["median_ms"]
+                    row[f"query_b{b}_p90_ms"] = timing["p90_ms"]
+                timing = median_ms(model.item_tower, item_batch, min_seconds, 20)
+                row["item_b1024_ms"] = timing["median_ms"]
+            rows.append(row)
+            print(f"  {arrangement:8s} {row['cross_kind']:8s} done", file=sys.stderr)
+    return rows
+
+
+def bench_export(min_seconds: float, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+    model = TwoTowerModel(ml100k_config()).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = {
+        b: random_batch(QUERY_FEATURES, b, LENGTHS, generator=generator) for b in BATCH_SIZES
+    }
+    with torch.inference_mode():
+        expected = {b: model.query_tower(batch) for b, batch in batches.items()}
+    rows = []
+    for mode in modes:
+        started = time.perf_counter()
+        encoder = export_query_tower(model, mode=mode, example_batch=batches[1024])  # type: ignore[arg-type]
+        first = {b: encoder(batch) for b, batch in batches.items()}  # compiles on first calls
+        warmup_s = time.perf_counter() - started
+        row: dict[str, Any] = {"mode": mode, "export_and_first_calls_s": warmup_s}
+        for b, batch in batches.items():
+            row[f"b{b}_max_abs_diff"] = float((first[b] - expected[b]).abs().max())
+            timing = median_ms(encoder, batch, min_seconds, 20)
+            row[f"b{b}_ms"] = timing["median_ms"]
+            row[f"b{b}_p90_ms"] = timing["p90_ms"]
+        rows.append(row)
+        print(f"  export {mode} done", file=sys.stderr)
+    return rows
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    print()
+    print("Variants (ml-100k, query d=92, item d=72; FLOPs per example; median latency ms)")
+    header = (
+        f"{'arrangement':11s} {'cross':7s} {'params':>9s} {'dense q':>8s} {'dense i':>8s} "
+        f"{'FLOPs q':>9s} {'FLOPs i':>9s} {'q b=1':>7s} {'q b=1024':>9s} {'i b=1024':>9s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in result["variants"]:
+        print(
+            f"{r['arrangement']:11s} {r['cross_kind']:7s} {r['params_total']:9d} "
+            f"{r['params_dense_query']:8d} {r['params_dense_item']:8d} "
+            f"{r['flops_query']:9d} {r['flops_item']:9d} {r['query_b1_ms']:7.3f} "
+            f"{r['query_b1024_ms']:9.2f} {r['item_b1024_ms']:9.2f}"
+        )
+    if result.get("export"):
+        print()
+        print("Query tower export (parallel, full): median ms, max |diff| vs eager")
+        header = f"{'mode':8s} {'b=1':>8s} {'b=1024':>8s} {'diff b=1':>10s} {'diff b=1024':>11s} {'warm-up s':>9s}"
+        print(header)
+        print("-" * len(header))
+        for r in result["export"]:
+            print(
+                f"{r['mode']:8s} {r['b1_ms']:8.3f} {r['b1024_ms']:8.2f} "
+                f"{r['b1_max_abs_diff']:10.1e} {r['b1024_max_abs_diff']:11.1e} "
+                f"{r['export_and_first_calls_s']:9.1f}"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--no-export", action="store_true", help="skip the export comparison")
+    parser.add_argument("--export-only", action="store_true", help="only the export comparison")
+    parser.add_argument("--modes", default="eager,trace,compile", help="export modes to time")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--json", type=Path, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+
+    result: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "config": ml100k_config().to_dict(),
+        "lengths": LENGTHS,
+    }
+    if not args.export_only:
+        result["variants"] = bench_variants(args.min_seconds)
+    if not args.no_export:
+        result["export"] = bench_export(args.min_seconds, tuple(args.modes.split(",")))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if "variants" not in result:
+        result["variants"] = []
+    print_tables(result)
+
+
+if __name__ == "__main__":
+    main()

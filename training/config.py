@@ -1,0 +1,168 @@
+"""Training configuration: one frozen object, loaded from YAML, overridable from the CLI.
+
+Named configs live in `configs/` (`ml100k.yaml`, `synth.yaml`). Every field is recorded in
+the model bundle (`train_config.json`), so a bundle says exactly how it was made.
+
+Example:
+    >>> cfg = TrainConfig.from_dict({"epochs": 3, "model": {"arrangement": "stacked"}})
+    >>> cfg.epochs, cfg.model.arrangement, cfg.loss.temperature
+    (3, 'stacked', 0.05)
+    >>> TrainConfig.from_dict({"epoch": 3})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ARRANGEMENTS = ("parallel", "stacked", "deep", "cross")
+CROSS_KINDS = ("full", "lowrank", "mix", "masked")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Shape of both towers (the same block for query and item towers)."""
+
+    arrangement: str = "parallel"  # parallel | stacked | deep | cross
+    cross: str = "lowrank"  # cross layer kind: full | lowrank | mix | masked
+    cross_layers: int = 2  # stacked cross layers L
+    rank: int = 32  # low-rank r (lowrank, mix, masked)
+    num_experts: int = 4  # experts K (mix)
+    mlp_hidden: tuple[int, ...] = (256, 128, 64)  # the deep branch
+    head_hidden: tuple[int, ...] = (128,)  # head MLP before the output projection
+    output_dim: int = 64  # embedding size D (query and item)
+    dropout: float = 0.0  # dropout in the MLPs
+    layer_norm: bool = False  # LayerNorm in the MLPs
+
+    def __post_init__(self) -> None:
+        if self.arrangement not in ARRANGEMENTS:
+            raise ValueError(
+                f"`model.arrangement` must be one of {ARRANGEMENTS}; got {self.arrangement!r}"
+            )
+        if self.cross not in CROSS_KINDS:
+            raise ValueError(f"`model.cross` must be one of {CROSS_KINDS}; got {self.cross!r}")
+        object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
+        object.__setattr__(self, "head_hidden", tuple(int(h) for h in self.head_hidden))
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """The retrieval task (in-batch softmax)."""
+
+    temperature: float = 0.05  # softmax temperature (initial value when learned)
+    learn_temperature: bool = False  # learn the temperature as a parameter
+    logq_correction: bool = True  # subtract log sampling probability (train frequencies)
+    mask_accidental_hits: bool = True  # a repeated item in the batch is not its own negative
+    num_extra_negatives: int = 0  # mixed negatives: uniform catalog samples per batch
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Validation during training and the final offline test."""
+
+    ks: tuple[int, ...] = (10, 20, 50, 100)  # recall@K reported
+    metric: str = "recall@50"  # model selection / early stopping metric on valid
+    patience: int = 3  # epochs without improvement before stopping
+    every_epochs: int = 1  # validate every N epochs
+    max_users: int = 0  # 0 = all users; else a fixed random sample (large datasets)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `retrieval train` needs besides the data and output paths."""
+
+    seed: int = 0  # seeds torch, numpy and the data order
+    epochs: int = 20  # upper bound; early stopping may end sooner
+    batch_size: int = 1024  # examples per step (per rank under DDP)
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-5  # AdamW decoupled weight decay (dense parameters)
+    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
+    warmup_steps: int = 100  # linear warmup steps
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    sparse_embeddings: bool = False  # sparse gradients + SparseAdam for large id tables
+    history_length: int = 0  # 0 = the schema's history max_length; else override
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # per-feature overrides
+    num_threads: int = 0  # torch intra-op threads; 0 = all cores
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 2,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "grad_clip_norm": self.grad_clip_norm >= 0,
+            "history_length": self.history_length >= 0,
+            "num_threads": self.num_threads >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"`{name}` is out of range; got {getattr(self, name)!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"`lr_schedule` must be 'cosine' or 'constant'; got {self.lr_schedule!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        sections = {"model": ModelSection, "loss": LossSection, "eval": EvalSection}
+        _check_keys(cls, data, "train config")
+        for key, section_cls in sections.items():
+            if key in data:
+                section = dict(data[key] or {})
+                _check_keys(section_cls, section, f"`{key}` section")
+                data[key] = section_cls(**section)
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
+        """Copy with top-level fields or `section.field` keys replaced (None values ignored)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if "." in key:
+                section, name = key.split(".", 1)
+                data[section][name] = value
+            else:
+                data[key] = value
+        return TrainConfig.from_dict(data)
+
+
+def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(known)}")

@@ -1,0 +1,591 @@
+"""The training job: dataset directory in, model bundle out.
+
+Usage::
+
+    retrieval train --data artifacts/demo/data --out artifacts/demo/model --config configs/ml100k.yaml
+    torchrun --nproc-per-node 2 -m training --data DIR --out MODEL_DIR --config configs/ml100k.yaml
+
+Stages (each timed and logged): resolve config -> load data and fit encoders on train ->
+encode users, items and causal histories -> train with in-batch softmax (validation
+recall every epoch, early stopping, best weights kept, checkpoints for resume) -> test
+recall of the best weights next to the popularity baseline -> write the bundle.
+
+Determinism: the data order of epoch e is a permutation seeded by (seed, e) and the RNG is
+reseeded from (seed, global step) before every step, so a run resumed from a checkpoint
+takes exactly the step the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from retrieval.atomic import atomic_directory, atomic_write_text
+from retrieval.bundle import save_bundle
+from retrieval.data.dataset import Dataset, load_dataset
+from retrieval.data.split import TRAIN
+from retrieval.encoders import EncodedInteractions, FeatureEncoder
+from retrieval.evaluation import (
+    EvalQueries,
+    build_eval_queries,
+    embed_in_batches,
+    encode_users_in_encoder_order,
+    evaluate_embeddings,
+    evaluate_popularity,
+    history_feature_name,
+    item_train_counts,
+)
+from retrieval.features import DatasetSchema, FeatureKind
+from retrieval.loss import RetrievalTask
+from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
+from training import distributed as dist_utils
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+Batch = dict[str, torch.Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    logger.info("stage %s ...", name)
+    yield
+    logger.info("stage %s done in %.1fs", name, time.perf_counter() - start)
+
+
+def apply_feature_overrides(schema: DatasetSchema, config: TrainConfig) -> DatasetSchema:
+    """Schema with the config's history length and per-feature embedding sizes applied."""
+    dims = dict(config.embedding_dims)
+    known = {s.name for s in schema.query_features} | {s.name for s in schema.item_features}
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise ValueError(
+            f"`embedding_dims` names features not in schema {schema.name!r}: {unknown} "
+            f"(known: {sorted(known)})"
+        )
+
+    def patch(spec: Any) -> Any:
+        changes: dict[str, Any] = {}
+        if spec.name in dims:
+            changes["embedding_dim"] = dims[spec.name]
+        if spec.kind == FeatureKind.HISTORY:
+            if config.history_length:
+                changes["max_length"] = config.history_length
+            shared = spec.shared_with
+            if shared in dims and spec.name not in dims:
+                changes["embedding_dim"] = dims[shared]
+        return dataclasses.replace(spec, **changes) if changes else spec
+
+    return dataclasses.replace(
+        schema,
+        query_features=tuple(patch(s) for s in schema.query_features),
+        item_features=tuple(patch(s) for s in schema.item_features),
+    )
+
+
+def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelConfig:
+    section = config.model
+
+    def tower(side: str) -> TowerConfig:
+        return TowerConfig(
+            features=encoder.feature_inputs(side),  # type: ignore[arg-type]
+            arrangement=section.arrangement,  # type: ignore[arg-type]
+            cross_kind=section.cross,  # type: ignore[arg-type]
+            cross_layers=section.cross_layers,
+            rank=section.rank,
+            num_experts=section.num_experts,
+            mlp_hidden=section.mlp_hidden,
+            head_hidden=section.head_hidden,
+            output_dim=section.output_dim,
+            dropout=section.dropout,
+            layer_norm=section.layer_norm,
+        )
+
+    query, item = tower("query"), tower("item")
+    # A rank larger than a tower's input width is clipped to it (documented in the config).
+    query = dataclasses.replace(query, rank=min(query.rank, query.input_dim))
+    item = dataclasses.replace(item, rank=min(item.rank, item.input_dim))
+    return ModelConfig(query=query, item=item, seed=config.seed)
+
+
+@dataclass
+class PreparedData:
+    """Everything the loop gathers batches from, encoded once."""
+
+    dataset: Dataset
+    encoder: FeatureEncoder
+    user_features: Batch  # query features per user row (no history)
+    item_features: Batch  # item features per item row
+    interactions: EncodedInteractions
+    train_rows: np.ndarray  # indices into `interactions` of train events
+    history_name: str | None
+    item_counts: torch.Tensor  # (num_items,) train counts
+
+
+def prepare_data(data_dir: str | Path, config: TrainConfig) -> PreparedData:
+    dataset = load_dataset(data_dir)
+    schema = apply_feature_overrides(dataset.schema, config)
+    dataset = Dataset(schema, path=dataset.path)
+    encoder = FeatureEncoder.fit(schema, dataset.users, dataset.items, dataset.interactions)
+    user_features = encode_users_in_encoder_order(encoder, dataset)
+    item_features = encoder.encode_items(dataset.items)
+    interactions = encoder.encode_interactions(dataset.interactions)
+    train_rows = np.flatnonzero(interactions.split == TRAIN)
+    if len(train_rows) == 0:
+        raise ValueError(f"{data_dir}: the train split is empty")
+    return PreparedData(
+        dataset=dataset,
+        encoder=encoder,
+        user_features=user_features,
+        item_features=item_features,
+        interactions=interactions,
+        train_rows=train_rows,
+        history_name=history_feature_name(encoder),
+        item_counts=item_train_counts(encoder, dataset),
+    )
+
+
+def gather_batch(data: PreparedData, rows: np.ndarray) -> tuple[Batch, Batch, torch.Tensor]:
+    """Query batch, item batch and positive item rows of interaction rows `rows`."""
+    idx = torch.from_numpy(rows)
+    inter = data.interactions
+    users = torch.from_numpy(inter.user_row)[idx]
+    items = torch.from_numpy(inter.item_row)[idx]
+    query = {name: t[users] for name, t in data.user_features.items()}
+    if data.history_name is not None:
+        query[data.history_name] = torch.from_numpy(inter.history)[idx]
+    item = {name: t[items] for name, t in data.item_features.items()}
+    return query, item, items
+
+
+def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup then cosine decay to `min_lr_ratio` (or constant)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def build_optimizers(
+    model: TwoTowerModel, task: RetrievalTask, config: TrainConfig
+) -> list[torch.optim.Optimizer]:
+    """AdamW for dense parameters; with `sparse_embeddings`, SparseAdam for id tables."""
+    params = list(model.parameters()) + list(task.parameters())
+    if not config.sparse_embeddings:
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": config.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=config.lr,
+            )
+        ]
+    sparse_ids = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.sparse:
+            sparse_ids.add(id(module.weight))
+    sparse = [p for p in params if id(p) in sparse_ids]
+    dense = [p for p in params if id(p) not in sparse_ids]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(dense, lr=config.lr, weight_decay=config.weight_decay)
+    ]
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr))
+    return optimizers
+
+
+def enable_sparse_embeddings(model: TwoTowerModel) -> int:
+    """Switch every embedding table to sparse gradients; returns the number of tables."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.sparse = True
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(
+    optimizers: list[torch.optim.Optimizer],
+) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: list[Any] = []
+    for o_index, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        meta.append({"param_groups": state["param_groups"], "keys": {}})
+        for p_index, param_state in state["state"].items():
+            keys = []
+            for key, value in param_state.items():
+                tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"opt{o_index}.{p_index}.{key}"] = tensor.contiguous()
+                keys.append(key)
+            meta[-1]["keys"][str(p_index)] = keys
+    return tensors, meta
+
+
+def save_checkpoint(
+    directory: Path,
+    model: TwoTowerModel,
+    task: RetrievalTask,
+    optimizers: list[torch.optim.Optimizer],
+    state: dict[str, Any],
+    best_state: dict[str, torch.Tensor] | None,
+) -> None:
+    """Crash-safe checkpoint: a new directory replaces the old one atomically."""
+    with atomic_directory(directory, overwrite=True) as tmp:
+        weights = {
+            f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()
+        }
+        weights.update(
+            {f"task.{k}": v.detach().clone().contiguous() for k, v in task.state_dict().items()}
+        )
+        save_file(_dedupe(weights), str(tmp / "weights.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(optimizers)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if best_state is not None:
+            save_file(_dedupe(best_state), str(tmp / "best.safetensors"))
+        (tmp / "state.json").write_text(
+            json.dumps(
+                {"format_version": CHECKPOINT_FORMAT_VERSION, **state, "optimizers": opt_meta}
+            )
+        )
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: store independent copies."""
+    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+
+
+def load_checkpoint(
+    directory: Path,
+    model: TwoTowerModel,
+    task: RetrievalTask,
+    optimizers: list[torch.optim.Optimizer],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    state = json.loads((directory / "state.json").read_text())
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: unsupported checkpoint format {state.get('format_version')!r}"
+        )
+    weights = load_file(str(directory / "weights.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+    task.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("task.")})
+    opt_tensors = load_file(str(directory / "optimizer.safetensors"))
+    for o_index, (optimizer, meta) in enumerate(zip(optimizers, state["optimizers"], strict=True)):
+        restored: dict[int, dict[str, Any]] = {}
+        for p_index, keys in meta["keys"].items():
+            restored[int(p_index)] = {k: opt_tensors[f"opt{o_index}.{p_index}.{k}"] for k in keys}
+        optimizer.load_state_dict({"state": restored, "param_groups": meta["param_groups"]})
+    best_path = directory / "best.safetensors"
+    best = load_file(str(best_path)) if best_path.exists() else None
+    return state, best
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class TrainResult:
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def evaluate(
+    model: TwoTowerModel, data: PreparedData, queries: EvalQueries, ks: tuple[int, ...]
+) -> dict[str, Any]:
+    model.eval()
+    with torch.inference_mode():
+        item_emb = embed_in_batches(model.embed_items, data.item_features)
+        query_emb = embed_in_batches(model.embed_queries, queries.query_batch)
+    metrics = evaluate_embeddings(queries, query_emb, item_emb, ks)
+    model.train()
+    return metrics
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    max_steps: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a two-tower model and write its bundle to `out_dir` (rank 0 under DDP).
+
+    Args:
+        data_dir: dataset directory (see `retrieval.features`).
+        out_dir: bundle directory to create.
+        config: the resolved training configuration.
+        checkpoint_dir: where checkpoints go (default: `<out_dir>.ckpt`); removed on success.
+        resume: continue from the checkpoint when one exists.
+        overwrite: replace an existing bundle at `out_dir`.
+        max_steps: stop after this many optimizer steps in total (0 = no limit; tests).
+        progress: show a progress bar.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    logger.info("resolved config: %s", json.dumps(config.to_dict(), default=str))
+
+    with stage("prepare data"):
+        data = prepare_data(data_dir, config)
+        logger.info(
+            "users %d, items %d, train events %d, history %s",
+            data.encoder.num_users,
+            data.encoder.num_items,
+            len(data.train_rows),
+            data.history_name,
+        )
+    with stage("validation queries"):
+        valid_queries = build_eval_queries(
+            data.encoder,
+            data.dataset,
+            "valid",
+            max_users=config.eval.max_users,
+            seed=config.seed,
+            user_features=data.user_features,
+        )
+
+    model_config = build_model_config(data.encoder, config)
+    model = TwoTowerModel(model_config)
+    if config.sparse_embeddings:
+        enable_sparse_embeddings(model)
+    loss_cfg = config.loss
+    task = RetrievalTask(
+        temperature=loss_cfg.temperature,
+        learn_temperature=loss_cfg.learn_temperature,
+        logq_correction=loss_cfg.logq_correction,
+        item_frequencies=data.item_counts.to(torch.float64) if loss_cfg.logq_correction else None,
+        mask_accidental_hits=loss_cfg.mask_accidental_hits,
+        num_extra_negatives=loss_cfg.num_extra_negatives,
+        num_items=data.encoder.num_items,
+    )
+    ddp_model: torch.nn.Module = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizers = build_optimizers(model, task, config)
+
+    per_rank = len(data.train_rows) // world
+    steps_per_epoch = max(1, per_rank // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    ks = tuple(sorted(set(config.eval.ks)))
+    metric_name = config.eval.metric
+    if (
+        metric_name.split("@")[0] not in ("recall", "ndcg", "hit_rate")
+        or int(metric_name.split("@")[1]) not in ks
+    ):
+        raise ValueError(
+            f"`eval.metric` must be recall/ndcg/hit_rate@K with K in eval.ks {ks}; got {metric_name!r}"
+        )
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "best_metric": -1.0,
+        "best_epoch": -1,
+        "epochs_without_improvement": 0,
+        "history": [],
+    }
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume and (ckpt / "state.json").exists():
+        state, best_state = load_checkpoint(ckpt, model, task, optimizers)
+        state.pop("optimizers", None)
+        state.pop("format_version", None)
+        logger.info("resumed from %s at epoch %d step %d", ckpt, state["epoch"], state["step"])
+
+    model.train()
+    stop = False
+    while state["epoch"] < config.epochs and not stop:
+        epoch = state["epoch"]
+        order = np.random.default_rng([config.seed, epoch]).permutation(data.train_rows)
+        order = order[rank::world][: steps_per_epoch * config.batch_size]
+        first = state["step"] - epoch * steps_per_epoch
+        bar = tqdm(
+            range(first, steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress or rank != 0,
+            leave=False,
+            file=sys.stderr,
+        )
+        epoch_loss, seen, epoch_start = 0.0, 0, time.perf_counter()
+        for local_step in bar:
+            step = state["step"]
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * lr_factor(step, total_steps, config)
+            rows = order[local_step * config.batch_size : (local_step + 1) * config.batch_size]
+            query, item, item_ids = gather_batch(data, rows)
+            query_emb, item_emb = ddp_model(query, item)
+            offset = 0
+            if world > 1:
+                item_emb = dist_utils.gather_with_grad(item_emb)
+                item_ids = dist_utils.gather_with_grad(item_ids)
+                offset = rank * len(rows)
+            extra: dict[str, Any] = {}
+            if task.num_extra_negatives:
+                extra_ids = task.sample_extra_negative_ids()
+                extra_batch = {n: t[extra_ids] for n, t in data.item_features.items()}
+                extra = {
+                    "extra_item_emb": model.embed_items(extra_batch),
+                    "extra_item_ids": extra_ids,
+                }
+            loss = task.loss(query_emb, item_emb, item_ids, positive_offset=offset, **extra)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}; "
+                    f"the last good checkpoint is kept at {ckpt}. Lower `lr` or raise `temperature`."
+                )
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm:
+                dense = [
+                    p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse
+                ]
+                torch.nn.utils.clip_grad_norm_(dense, config.grad_clip_norm)
+            for optimizer in optimizers:
+                optimizer.step()
+            state["step"] = step + 1
+            epoch_loss += float(loss) * len(rows)
+            seen += len(rows)
+            rate = seen * world / max(1e-9, time.perf_counter() - epoch_start)
+            bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
+            if max_steps and state["step"] >= max_steps:
+                stop = True
+                break
+        bar.close()
+        epoch_seconds = time.perf_counter() - epoch_start
+        if stop and state["step"] < (epoch + 1) * steps_per_epoch:
+            # Interrupted mid-epoch by max_steps: keep the position for an exact resume.
+            if rank == 0:
+                save_checkpoint(ckpt, model, task, optimizers, state, best_state)
+            break
+        state["epoch"] = epoch + 1
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": epoch_loss / max(1, seen),
+            "examples_per_second": seen * world / max(1e-9, epoch_seconds),
+        }
+        if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.epochs:
+            metrics = evaluate(model, data, valid_queries, ks)
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            value = float(metrics[metric_name])
+            if value > state["best_metric"]:
+                state.update(best_metric=value, best_epoch=epoch + 1, epochs_without_improvement=0)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["epochs_without_improvement"] += 1
+            if state["epochs_without_improvement"] >= config.eval.patience:
+                logger.info(
+                    "early stopping: no %s gain in %d evaluations",
+                    metric_name,
+                    config.eval.patience,
+                )
+                stop = True
+        state["history"].append(record)
+        if rank == 0:
+            logger.info(
+                "epoch %d: loss %.4f, %.0f ex/s, valid %s %s",
+                epoch + 1,
+                record["train_loss"],
+                record["examples_per_second"],
+                metric_name,
+                f"{record.get('valid_' + metric_name, float('nan')):.4f}",
+            )
+            save_checkpoint(ckpt, model, task, optimizers, state, best_state)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result_metrics: dict[str, Any] = {
+        "best_epoch": state["best_epoch"],
+        f"best_valid_{metric_name}": state["best_metric"],
+        "history": state["history"],
+    }
+    if rank == 0:
+        with stage("test evaluation"):
+            test_queries = build_eval_queries(
+                data.encoder, data.dataset, "test", user_features=data.user_features
+            )
+            test_ks = tuple(sorted(set(ks) | {10, 20, 50, 100}))
+            result_metrics["test"] = evaluate(model, data, test_queries, test_ks)
+            result_metrics["test_popularity"] = evaluate_popularity(
+                test_queries, data.item_counts, test_ks
+            )
+        result_metrics["train_seconds"] = time.perf_counter() - start
+        with stage("write bundle"):
+            train_config = {
+                **config.to_dict(),
+                "data": str(Path(data_dir).resolve()),
+                "world_size": world,
+            }
+            save_bundle(
+                out,
+                model,
+                data.encoder,
+                train_config=train_config,
+                metrics=result_metrics,
+                overwrite=overwrite,
+            )
+        shutil.rmtree(ckpt, ignore_errors=True)
+    dist_utils.barrier() if hasattr(dist_utils, "barrier") else None
+    return TrainResult(bundle_dir=out, metrics=result_metrics, seconds=time.perf_counter() - start)
+
+
+def format_recall_table(metrics: dict[str, Any], ks: tuple[int, ...] = (10, 20, 50, 100)) -> str:
+    """Test recall of the model next to popularity, as a small text table."""
+    lines = [f"{'':<12}" + "".join(f"{'recall@' + str(k):>12}" for k in ks)]
+    for label, key in (("model", "test"), ("popularity", "test_popularity")):
+        row = metrics.get(key, {})
+        lines.append(
+            f"{label:<12}" + "".join(f"{row.get(f'recall@{k}', float('nan')):>12.4f}" for k in ks)
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
