@@ -8,12 +8,17 @@ Usage (from the repository root)::
 
 For every arrangement (parallel, stacked, deep, cross) x cross kind (full, lowrank, mix,
 masked) it prints the parameters (dense and total, shared table once), FLOPs per example
-of each tower (`retrieval.cost` conventions) and the median latency of one forward pass
-of the query tower at batch 1 and 1024 and of the item tower at batch 1024, in eval mode
-under ``torch.inference_mode``. "deep" has no cross network, so it is run once.
+of each tower (`retrieval.cost` conventions) and the latency of one forward pass of the
+query tower at batch 1 and 1024 and of the item tower at batch 1024, in eval mode under
+``torch.inference_mode``. "deep" has no cross network, so it is run once.
+
+Timing: the CPU is shared, so every case is timed in blocks (30 calls at batch 1, 3 at
+batch 1024), interleaved over `--rounds` rounds; the tables show the best block median
+(close to the uncontended latency), the JSON also the median over rounds.
 
 The export section times the default query tower (parallel, full) as plain eager,
-``torch.jit.trace`` and ``torch.compile(dynamic=True)`` at batch 1 and 1024, next to
+``torch.jit.trace`` and ``torch.compile(dynamic=True)`` at batch 1 and 1024, with 1 and
+2 torch threads, next to
 the largest difference from eager outputs (a speed number is only kept when it is
 correct). It prints one JSON document, then the tables.
 """
@@ -27,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,33 +79,50 @@ def ml100k_config(arrangement: str = "parallel", cross_kind: str = "full") -> Mo
     )
 
 
-def median_ms(
-    function: Callable[[Batch], torch.Tensor], batch: Batch, min_seconds: float, min_runs: int
-) -> dict[str, float]:
-    """Median and p90 of single calls, after warm-up, over >= min_runs and >= min_seconds."""
-    for _ in range(3):
-        function(batch)
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
+def block_median_ms(function: Callable[[Batch], torch.Tensor], batch: Batch, runs: int) -> float:
+    """Median wall time of `runs` single calls, in milliseconds."""
+    times = []
+    for _ in range(runs):
         t0 = time.perf_counter()
         function(batch)
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return statistics.median(times)
+
+
+def interleaved_timings(
+    cases: Mapping[str, tuple[Callable[[Batch], torch.Tensor], Batch, int]], rounds: int
+) -> dict[str, dict[str, float]]:
+    """Time every case in `rounds` interleaved rounds (one block of runs per case per round).
+
+    The CPU is shared with other jobs, so the load changes while the benchmark runs:
+    interleaving spreads it over all cases, and the best block median ("best") estimates
+    the uncontended latency while the median over rounds ("median") shows the typical one.
+    """
+    for function, batch, _ in cases.values():  # warm-up
+        for _ in range(2):
+            function(batch)
+    blocks: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (function, batch, runs) in cases.items():
+            blocks[name].append(block_median_ms(function, batch, runs))
     return {
-        "median_ms": statistics.median(times),
-        "p90_ms": times[int(0.9 * (len(times) - 1))],
-        "runs": len(times),
+        name: {"best_ms": min(values), "median_ms": statistics.median(values)}
+        for name, values in blocks.items()
     }
 
 
-def bench_variants(min_seconds: float) -> list[dict[str, Any]]:
-    rows = []
+def runs_for(batch_size: int) -> int:
+    return 30 if batch_size == 1 else 3
+
+
+def bench_variants(rounds: int) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
     query_batches = {
         b: random_batch(QUERY_FEATURES, b, LENGTHS, generator=generator) for b in BATCH_SIZES
     }
     item_batch = random_batch(ITEM_FEATURES, 1024, LENGTHS, generator=generator)
+    rows: dict[str, dict[str, Any]] = {}
+    cases: dict[str, tuple[Callable[[Batch], torch.Tensor], Batch, int]] = {}
     for arrangement in ARRANGEMENTS:
         for kind in CROSS_KINDS:
             if arrangement == "deep" and kind != "full":
@@ -108,7 +130,8 @@ def bench_variants(min_seconds: float) -> list[dict[str, Any]]:
             config = ml100k_config(arrangement, kind)
             model = TwoTowerModel(config).eval()
             cost = model_cost(config)
-            row: dict[str, Any] = {
+            key = f"{arrangement}/{kind}"
+            rows[key] = {
                 "arrangement": arrangement,
                 "cross_kind": kind if arrangement != "deep" else "-",
                 "params_total": cost.params,
@@ -117,19 +140,21 @@ def bench_variants(min_seconds: float) -> list[dict[str, Any]]:
                 "flops_query": cost.query.flops,
                 "flops_item": cost.item.flops,
             }
-            with torch.inference_mode():
-                for b, batch in query_batches.items():
-                    timing = median_ms(model.query_tower, batch, min_seconds, 20)
-                    row[f"query_b{b}_ms"] = timing["median_ms"]
-                    row[f"query_b{b}_p90_ms"] = timing["p90_ms"]
-                timing = median_ms(model.item_tower, item_batch, min_seconds, 20)
-                row["item_b1024_ms"] = timing["median_ms"]
-            rows.append(row)
-            print(f"  {arrangement:8s} {row['cross_kind']:8s} done", file=sys.stderr)
-    return rows
+            for b, batch in query_batches.items():
+                cases[f"{key}/query_b{b}"] = (model.query_tower, batch, runs_for(b))
+            cases[f"{key}/item_b1024"] = (model.item_tower, item_batch, runs_for(1024))
+    with torch.inference_mode():
+        timings = interleaved_timings(cases, rounds)
+    for name, timing in timings.items():
+        arrangement, kind, what = name.split("/")
+        rows[f"{arrangement}/{kind}"][f"{what}_ms"] = timing["best_ms"]
+        rows[f"{arrangement}/{kind}"][f"{what}_median_ms"] = timing["median_ms"]
+    return list(rows.values())
 
 
-def bench_export(min_seconds: float, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+def bench_export(
+    rounds: int, modes: tuple[str, ...], threads: tuple[int, ...]
+) -> list[dict[str, Any]]:
     model = TwoTowerModel(ml100k_config()).eval()
     generator = torch.Generator().manual_seed(1)
     batches = {
@@ -137,26 +162,44 @@ def bench_export(min_seconds: float, modes: tuple[str, ...]) -> list[dict[str, A
     }
     with torch.inference_mode():
         expected = {b: model.query_tower(batch) for b, batch in batches.items()}
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
+    encoders = {}
     for mode in modes:
         started = time.perf_counter()
         encoder = export_query_tower(model, mode=mode, example_batch=batches[1024])  # type: ignore[arg-type]
         first = {b: encoder(batch) for b, batch in batches.items()}  # compiles on first calls
-        warmup_s = time.perf_counter() - started
-        row: dict[str, Any] = {"mode": mode, "export_and_first_calls_s": warmup_s}
-        for b, batch in batches.items():
-            row[f"b{b}_max_abs_diff"] = float((first[b] - expected[b]).abs().max())
-            timing = median_ms(encoder, batch, min_seconds, 20)
-            row[f"b{b}_ms"] = timing["median_ms"]
-            row[f"b{b}_p90_ms"] = timing["p90_ms"]
-        rows.append(row)
-        print(f"  export {mode} done", file=sys.stderr)
-    return rows
+        rows[mode] = {"mode": mode, "export_and_first_calls_s": time.perf_counter() - started}
+        for b in BATCH_SIZES:
+            rows[mode][f"b{b}_max_abs_diff"] = float((first[b] - expected[b]).abs().max())
+        encoders[mode] = encoder
+        print(f"  export {mode} ready", file=sys.stderr)
+    default_threads = torch.get_num_threads()
+    out = []
+    for n in threads:
+        torch.set_num_threads(n)
+        cases = {
+            f"{mode}/b{b}": (encoder, batch, runs_for(b))
+            for mode, encoder in encoders.items()
+            for b, batch in batches.items()
+        }
+        timings = interleaved_timings(cases, rounds)
+        for mode in modes:
+            row = dict(rows[mode], threads=n)
+            for b in BATCH_SIZES:
+                row[f"b{b}_ms"] = timings[f"{mode}/b{b}"]["best_ms"]
+                row[f"b{b}_median_ms"] = timings[f"{mode}/b{b}"]["median_ms"]
+            out.append(row)
+    torch.set_num_threads(default_threads)
+    return out
 
 
 def print_tables(result: dict[str, Any]) -> None:
     print()
-    print("Variants (ml-100k, query d=92, item d=72; FLOPs per example; median latency ms)")
+    threads = result["machine"]["torch_threads"]
+    print(
+        "Variants (ml-100k, query d=92, item d=72; FLOPs per example; latency ms, best of "
+        f"interleaved block medians, {threads} threads)"
+    )
     header = (
         f"{'arrangement':11s} {'cross':7s} {'params':>9s} {'dense q':>8s} {'dense i':>8s} "
         f"{'FLOPs q':>9s} {'FLOPs i':>9s} {'q b=1':>7s} {'q b=1024':>9s} {'i b=1024':>9s}"
@@ -172,13 +215,16 @@ def print_tables(result: dict[str, Any]) -> None:
         )
     if result.get("export"):
         print()
-        print("Query tower export (parallel, full): median ms, max |diff| vs eager")
-        header = f"{'mode':8s} {'b=1':>8s} {'b=1024':>8s} {'diff b=1':>10s} {'diff b=1024':>11s} {'warm-up s':>9s}"
+        print(
+            "Query tower export (parallel, full): ms (best / median of rounds), max |diff| vs eager"
+        )
+        header = f"{'mode':8s} {'threads':>7s} {'b=1':>8s} {'b=1 med':>8s} {'b=1024':>8s} {'b=1024 med':>10s} {'diff b=1':>10s} {'diff b=1024':>11s} {'warm-up s':>9s}"
         print(header)
         print("-" * len(header))
         for r in result["export"]:
             print(
-                f"{r['mode']:8s} {r['b1_ms']:8.3f} {r['b1024_ms']:8.2f} "
+                f"{r['mode']:8s} {r['threads']:7d} {r['b1_ms']:8.3f} {r['b1_median_ms']:8.3f} "
+                f"{r['b1024_ms']:8.2f} {r['b1024_median_ms']:10.2f} "
                 f"{r['b1_max_abs_diff']:10.1e} {r['b1024_max_abs_diff']:11.1e} "
                 f"{r['export_and_first_calls_s']:9.1f}"
             )
@@ -191,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-export", action="store_true", help="skip the export comparison")
     parser.add_argument("--export-only", action="store_true", help="only the export comparison")
     parser.add_argument("--modes", default="eager,trace,compile", help="export modes to time")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--threads", default="1,2", help="torch threads for the export timings")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
 
@@ -208,9 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         "lengths": LENGTHS,
     }
     if not args.export_only:
-        result["variants"] = bench_variants(args.min_seconds)
+        result["variants"] = bench_variants(args.rounds)
     if not args.no_export:
-        result["export"] = bench_export(args.min_seconds, tuple(args.modes.split(",")))
+        result["export"] = bench_export(
+            args.rounds,
+            tuple(args.modes.split(",")),
+            tuple(int(n) for n in args.threads.split(",")),
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for entry in sorted(entry_points(group="retrieval.commands"), key=lambda e: e.name):
-        register: Register = entry.load()
+        try:
+            register: Register = entry.load()
+        except (ImportError, AttributeError) as exc:
+            # A subcommand whose package is missing must not take the others down.
+            print(f"retrieval: subcommand {entry.name!r} unavailable: {exc}", file=sys.stderr)
+            continue
         register(subparsers)
     return parser
 

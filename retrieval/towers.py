@@ -105,7 +105,8 @@ class FeatureEmbedding(nn.Module):
 
     Batches are checked cheaply (key present, dtype, number of dimensions, dense width,
     equal batch sizes; no pass over the values): a bad one raises ``ValueError`` naming
-    the feature. Out-of-range indices are left to ``nn.Embedding`` (``IndexError``).
+    the feature. Out-of-range indices are left to the lookup ops (``IndexError`` or
+    ``RuntimeError``).
 
     Args:
         features: the tower's features, in the order their embeddings are concatenated.

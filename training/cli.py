@@ -51,6 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     distributed.setup_from_env()
+    is_rank_zero = distributed.rank() == 0
     try:
         result = train(
             args.data,
@@ -64,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     finally:
         distributed.teardown()
-    if distributed.rank() == 0:
+    if is_rank_zero:
         metrics = result.metrics
         print(f"bundle: {result.bundle_dir}  ({result.seconds:.1f}s)")
         print(f"best epoch {metrics['best_epoch']}; test recall (exact, full catalog):")

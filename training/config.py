@@ -127,10 +127,12 @@ class TrainConfig:
         data = dict(data)
         sections = {"model": ModelSection, "loss": LossSection, "eval": EvalSection}
         _check_keys(cls, data, "train config")
+        _coerce_numbers(cls, data, "train config")
         for key, section_cls in sections.items():
             if key in data:
                 section = dict(data[key] or {})
                 _check_keys(section_cls, section, f"`{key}` section")
+                _coerce_numbers(section_cls, section, f"`{key}` section")
                 data[key] = section_cls(**section)
         return cls(**data)
 
@@ -159,6 +161,21 @@ class TrainConfig:
             else:
                 data[key] = value
         return TrainConfig.from_dict(data)
+
+
+def _coerce_numbers(cls: type, data: dict[str, Any], what: str) -> None:
+    """YAML 1.1 reads `1e-5` (no dot) as a string: turn such values of float fields into floats."""
+    for item in dataclasses.fields(cls):
+        value = data.get(item.name)
+        if (
+            isinstance(item.default, float)
+            and isinstance(value, str | int)
+            and not isinstance(value, bool)
+        ):
+            try:
+                data[item.name] = float(value)
+            except ValueError:
+                raise ValueError(f"{what}: `{item.name}` must be a number; got {value!r}") from None
 
 
 def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:

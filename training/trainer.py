@@ -434,7 +434,7 @@ def train(
         logger.info("resumed from %s at epoch %d step %d", ckpt, state["epoch"], state["step"])
 
     model.train()
-    stop = False
+    stop = stopped_by_max_steps = False
     while state["epoch"] < config.epochs and not stop:
         epoch = state["epoch"]
         order = np.random.default_rng([config.seed, epoch]).permutation(data.train_rows)
@@ -471,6 +471,7 @@ def train(
                     "extra_item_ids": extra_ids,
                 }
             loss = task.loss(query_emb, item_emb, item_ids, positive_offset=offset, **extra)
+            state["candidates_per_step"] = int(item_emb.shape[0]) + task.num_extra_negatives
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}; "
@@ -487,12 +488,12 @@ def train(
             for optimizer in optimizers:
                 optimizer.step()
             state["step"] = step + 1
-            epoch_loss += float(loss) * len(rows)
+            epoch_loss += float(loss.detach()) * len(rows)
             seen += len(rows)
             rate = seen * world / max(1e-9, time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", ex_s=f"{rate:,.0f}")
             if max_steps and state["step"] >= max_steps:
-                stop = True
+                stop = stopped_by_max_steps = True
                 break
         bar.close()
         epoch_seconds = time.perf_counter() - epoch_start
@@ -541,6 +542,9 @@ def train(
         "best_epoch": state["best_epoch"],
         f"best_valid_{metric_name}": state["best_metric"],
         "history": state["history"],
+        "steps": state["step"],
+        "candidates_per_step": state.get("candidates_per_step", 0),
+        "world_size": world,
     }
     if rank == 0:
         with stage("test evaluation"):
@@ -567,8 +571,10 @@ def train(
                 metrics=result_metrics,
                 overwrite=overwrite,
             )
-        shutil.rmtree(ckpt, ignore_errors=True)
-    dist_utils.barrier() if hasattr(dist_utils, "barrier") else None
+        if not stopped_by_max_steps:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
     return TrainResult(bundle_dir=out, metrics=result_metrics, seconds=time.perf_counter() - start)
 
 

@@ -315,7 +315,10 @@ def generate_synthetic_dataset(
         files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
     timings["total"] = time.perf_counter() - start
     logger.info(
-        "wrote %s: %d interactions in %.1f s", out_dir, stats["interactions"]["total"], timings["total"]
+        "wrote %s: %d interactions in %.1f s",
+        out_dir,
+        stats["interactions"]["total"],
+        timings["total"],
     )
     return {**stats, "elapsed_s": timings, "files": files}
 
@@ -501,10 +504,7 @@ def _make_catalog(num_items: int, tables: _Tables, seed: int) -> _Catalog:
     del weight, cell
     padded = np.r_[0.0, cumulative]
     cell_weight = padded[cell_start[1:]] - padded[cell_start[:-1]]
-    total = float(cumulative[-1])
-    thresholds = np.arange(num_items, dtype=np.float64) * (total / num_items)
-    guide = np.searchsorted(cumulative, thresholds, side="right").astype(np.int64)
-    del thresholds
+    guide = guide_table(cumulative, num_items)
     latent_sorted = latent[order]
     del latent
     return _Catalog(
@@ -584,17 +584,62 @@ def _allocate_interactions(activity: FloatArray, total: int, num_items: int) -> 
     if remainder > 0:
         largest = np.argsort(base - share, kind="stable")[:remainder]  # largest fractions
         base[largest] += 1
-    return np.minimum(base + MIN_INTERACTIONS_PER_USER, max(MIN_INTERACTIONS_PER_USER, num_items // 2))
+    return np.minimum(
+        base + MIN_INTERACTIONS_PER_USER, max(MIN_INTERACTIONS_PER_USER, num_items // 2)
+    )
 
 
 # --------------------------------------------------------------------------- sampling
 
 
+def guide_table(cumulative: FloatArray, num_buckets: int) -> IntArray:
+    """guide[g] = first position p with cumulative[p] > g * total / num_buckets.
+
+    The bucket of a target x is floor(x * num_buckets / total); its guide entry is at or
+    before the first position above x, so `guided_search` only scans forward from it.
+
+    >>> guide_table(np.array([1.0, 1.0, 3.0, 4.0]), 4).tolist()
+    [0, 2, 2, 3]
+    """
+    thresholds = np.arange(num_buckets, dtype=np.float64) * (float(cumulative[-1]) / num_buckets)
+    return np.searchsorted(cumulative, thresholds, side="right").astype(np.int64)
+
+
+def guided_search(cumulative: FloatArray, guide: IntArray, target: FloatArray) -> IntArray:
+    """First position p with cumulative[p] > target (inverse CDF), for many targets at once.
+
+    Equals ``np.searchsorted(cumulative, target, side="right")`` (capped at the last
+    position) in O(1) expected steps instead of O(log n) cache misses: a guide-table jump,
+    then a vectorised forward scan over the targets not yet placed.
+
+    Args:
+        cumulative: [P] non-decreasing cumulative weights.
+        guide: [G] `guide_table(cumulative, G)`.
+        target: [n] values in [0, cumulative[-1]).
+
+    Returns:
+        [n] positions in [0, P).
+
+    >>> cumulative = np.array([1.0, 1.0, 3.0, 4.0])
+    >>> guided_search(cumulative, guide_table(cumulative, 4), np.array([0.0, 1.0, 2.9, 3.5])).tolist()
+    [0, 2, 2, 3]
+    """
+    end = len(cumulative) - 1
+    bucket = (target * (len(guide) / float(cumulative[-1]))).astype(np.int64)  # (n,)
+    position = guide[np.clip(bucket, 0, len(guide) - 1)]  # (n,) at or before the answer
+    active = np.flatnonzero((cumulative[position] <= target) & (position < end))
+    while active.size:
+        position[active] += 1
+        moved = position[active]
+        active = active[(cumulative[moved] <= target[active]) & (moved < end)]
+    return position
+
+
 def _sample_rows(probs: FloatArray, rows: IntArray, uniform: FloatArray) -> IntArray:
     """Draw one column per entry of `rows` from the categorical distribution `probs[row]`.
 
-    Inverse CDF over all rows at once: row r's CDF is shifted to [r, r + 1], so one
-    `searchsorted` serves every row. Zero-probability columns are never drawn.
+    Inverse CDF over all rows at once: row r's CDF is shifted to (r, r + 1], so one
+    guided search serves every row. Zero-probability columns are never drawn.
 
     Args:
         probs: [rows, columns] non-negative weights, each row with a positive sum
@@ -605,24 +650,26 @@ def _sample_rows(probs: FloatArray, rows: IntArray, uniform: FloatArray) -> IntA
     Returns:
         [n] column indices.
 
-    >>> _sample_rows(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0, 1, 0]), np.array([0.0, 0.5, 0.99])).tolist()
-    [1, 0, 1]
+    >>> probs = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    >>> _sample_rows(probs, np.array([0, 1, 0, 1]), np.array([0.0, 0.2, 0.99, 0.7])).tolist()
+    [1, 0, 1, 2]
     """
     num_rows, num_columns = probs.shape
     assert num_rows <= 65_536, num_rows
     cdf = np.cumsum(probs, axis=1)  # (R, K)
     cdf /= cdf[:, -1:]
-    flat = (cdf + np.arange(num_rows, dtype=np.float64)[:, None]).ravel()  # (R * K,)
+    flat = (cdf + np.arange(num_rows, dtype=np.float64)[:, None]).ravel()  # (R K,)
+    guide = guide_table(flat, num_rows * num_columns)
     # Scaling u by (1 - 1e-12) keeps r + u below r + 1, the row's last value, after rounding.
-    position = np.searchsorted(flat, rows + uniform * (1.0 - 1e-12), side="right")
-    return (position - rows * num_columns).astype(np.int64)
+    position = guided_search(flat, guide, rows + uniform * (1.0 - 1e-12))
+    return np.clip(position - rows * num_columns, 0, num_columns - 1)
 
 
 def _sample_in_cells(catalog: _Catalog, cells: IntArray, uniform: FloatArray) -> IntArray:
     """Catalog positions drawn within `cells` proportionally to the popularity weight w.
 
-    Inverse CDF on the cumulative weight: a guide table jumps to the right region, then a
-    vectorised linear scan finishes (a few steps in expectation).
+    Inverse CDF on the catalog's cumulative weight (items grouped by cell): the target
+    lies in the cell's slice, found by `guided_search`.
 
     Args:
         catalog: the catalog and its sampler.
@@ -632,16 +679,8 @@ def _sample_in_cells(catalog: _Catalog, cells: IntArray, uniform: FloatArray) ->
     Returns:
         [n] positions in cell order (index `catalog.item_of_position` to get items).
     """
-    cumulative = catalog.cumulative_weight
-    end = len(cumulative) - 1
     target = catalog.cell_weight_before[cells] + uniform * catalog.cell_weight[cells]  # (n,)
-    bucket = (target * (len(cumulative) / float(cumulative[-1]))).astype(np.int64)  # (n,)
-    position = catalog.guide[np.minimum(bucket, end)]  # (n,), at or before the answer
-    active = np.flatnonzero((cumulative[position] <= target) & (position < end))
-    while active.size:
-        position[active] += 1
-        moved = position[active]
-        active = active[(cumulative[moved] <= target[active]) & (moved < end)]
+    position = guided_search(catalog.cumulative_weight, catalog.guide, target)
     # Rounding can land one past a cell's end: clip into the cell.
     return np.clip(position, catalog.cell_start[cells], catalog.cell_start[cells + 1] - 1)
 
@@ -937,7 +976,10 @@ def _write_interactions(
                 )
     total = int(split_counts.sum())
     return {
-        "interactions": {"total": total, **dict(zip(SPLIT_NAMES, split_counts.tolist(), strict=True))},
+        "interactions": {
+            "total": total,
+            **dict(zip(SPLIT_NAMES, split_counts.tolist(), strict=True)),
+        },
         "interactions_per_user": {
             "min": int(per_user.min()),
             "median": float(np.median(per_user)),

@@ -1,0 +1,354 @@
+"""FAISS index choice, training, filling and search-parameter tuning for the index job.
+
+Default factory by catalog size N (inner product over L2-normalised embeddings):
+
+    N <= 200,000          "Flat"                 exact; 1M x 64 floats would be 256 MB too,
+                                                 but exact search at k=1000 costs ~N*D per query
+    200,000 < N <= 5M     "IVF{nlist},Flat"      nlist = 4 sqrt(N) (4,000 at 1M); lists keep
+                                                 full vectors, so recall depends on nprobe only
+    N > 5M                "IVF{nlist},SQ8"       8-bit scalar codes: 4x smaller than Flat
+                                                 (640 MB at 10M x 64), near-exact scores
+
+Search params are not guessed: `tune_search_params` tries nprobe (IVF) or efSearch (HNSW)
+in increasing cost order on held-out real queries and keeps the cheapest setting whose
+ANN recall@k against exact search reaches the target. The figures behind the defaults are
+in bench/bench_index.py (1M items, k = 1000).
+
+Example:
+    >>> choose_factory(1_000, 64), choose_factory(1_000_000, 64), choose_factory(10_000_000, 64)
+    ('Flat', 'IVF4000,Flat', 'IVF12649,SQ8')
+    >>> default_nlist(1_000_000)
+    4000
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from retrieval.index_store import (
+    apply_search_params,
+    check_gpu_k,
+    faiss_has_gpu,
+    recall_against_exact,
+)
+
+logger = logging.getLogger(__name__)
+
+FLAT_MAX_ITEMS = 200_000  # exact search up to this catalog size
+COMPRESSED_MIN_ITEMS = 5_000_000  # scalar-quantized lists above this size
+TRAIN_POINTS_PER_LIST = 40  # k-means sample per coarse centroid (faiss warns below 39)
+MIN_TRAIN_POINTS = 20_000  # PQ / SQ training needs a few thousand vectors at least
+ADD_CHUNK_ROWS = 65_536  # vectors added per `index.add` call (bounded extra memory)
+EXACT_BLOCK_ROWS = 262_144  # catalog rows scored per block in exact search
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+def default_nlist(num_items: int) -> int:
+    """Coarse lists of an IVF index: 4 sqrt(N), the usual rule of thumb."""
+    return max(1, round(4 * math.sqrt(num_items)))
+
+
+def choose_factory(num_items: int, dim: int) -> str:
+    """The default `index_factory` string for a catalog of `num_items` vectors of `dim`."""
+    if num_items < 1 or dim < 1:
+        raise ValueError(f"`num_items` and `dim` must be >= 1; got {num_items}, {dim}")
+    if num_items <= FLAT_MAX_ITEMS:
+        return "Flat"
+    nlist = default_nlist(num_items)
+    if num_items <= COMPRESSED_MIN_ITEMS:
+        return f"IVF{nlist},Flat"
+    return f"IVF{nlist},SQ8"
+
+
+def create_index(factory: str, dim: int) -> faiss.Index:
+    """An empty inner-product index from a factory string; a bad string is a ValueError."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise ValueError(
+            f"`factory` {factory!r} is not a valid FAISS index_factory string ({first_line})"
+        ) from exc
+    return index
+
+
+def ivf_of(index: faiss.Index) -> Any:
+    """The IVF part of an index (through refine/pre-transform wrappers), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def hnsw_of(index: faiss.Index) -> Any:
+    """The HNSW index inside `index` (maybe behind a refine wrapper), or None."""
+    candidate = faiss.downcast_index(index)
+    if isinstance(candidate, faiss.IndexRefine):
+        candidate = faiss.downcast_index(candidate.base_index)
+    return candidate if hasattr(candidate, "hnsw") else None
+
+
+def train_sample_size(index: faiss.Index, num_items: int) -> int:
+    """How many vectors to train on: 0 for an index that needs no training."""
+    if index.is_trained:
+        return 0
+    ivf = ivf_of(index)
+    wanted = MIN_TRAIN_POINTS
+    if ivf is not None:
+        if num_items < ivf.nlist:
+            raise ValueError(
+                f"`factory` asks for {ivf.nlist} inverted lists but the catalog has only "
+                f"{num_items} items; use fewer lists or 'Flat'"
+            )
+        wanted = max(wanted, TRAIN_POINTS_PER_LIST * ivf.nlist)
+    return min(num_items, wanted)
+
+
+def sample_rows(num_items: int, size: int, seed: int) -> IntArray:
+    """`size` distinct sorted rows out of `num_items` (sorted: sequential reads of a memmap)."""
+    rng = np.random.default_rng(seed)
+    if size >= num_items:
+        return np.arange(num_items, dtype=np.int64)
+    return np.sort(rng.choice(num_items, size=size, replace=False)).astype(np.int64)
+
+
+def _to_gpu(index: faiss.Index) -> tuple[Any, Any] | None:
+    """(gpu index, resources) when faiss-gpu can hold this index type, else None."""
+    if not faiss_has_gpu():
+        return None
+    resources = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(resources, 0, index), resources
+    except RuntimeError as exc:  # e.g. HNSW has no GPU counterpart
+        logger.warning("index type %s has no FAISS GPU version (%s); building on CPU", type(index).__name__, exc)
+        return None
+
+
+def train_and_fill(
+    factory: str,
+    vectors: FloatArray,
+    *,
+    use_gpu: bool = False,
+    seed: int = 0,
+    train_size: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Create the index, train it on a sample of `vectors`, add every row; CPU index back.
+
+    Args:
+        factory: FAISS index_factory string (inner-product metric).
+        vectors: `[N, D]` float32, L2-normalised (a memmap is fine: read in chunks).
+        use_gpu: train and add on the GPU when faiss-gpu supports the index type; the
+            returned index is always a CPU copy (what gets written).
+        seed: seed of the training sample and of k-means.
+        train_size: vectors to train on (0 = `train_sample_size`).
+        progress: called with the number of rows added after each chunk.
+
+    Returns:
+        (index, info) with info = train_size, train_seconds, add_seconds, device.
+    """
+    num_items, dim = vectors.shape
+    index = create_index(factory, dim)
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        ivf.cp.spherical = True  # centroids on the unit sphere: assignment by inner product
+    size = train_sample_size(index, num_items)
+    if size and train_size:
+        size = min(max(train_size, ivf.nlist if ivf is not None else 1), num_items)
+    gpu = _to_gpu(index) if use_gpu else None
+    work = gpu[0] if gpu is not None else index
+    started = time.perf_counter()
+    if size:
+        rows = sample_rows(num_items, size, seed)
+        sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+        logger.info("training %s on %d of %d vectors", factory, size, num_items)
+        try:
+            work.train(sample)
+        except RuntimeError as exc:
+            raise ValueError(f"training index {factory!r} failed: {exc}") from exc
+        del sample
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for start in range(0, num_items, ADD_CHUNK_ROWS):
+        chunk = np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32)
+        work.add(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    add_seconds = time.perf_counter() - started
+    if gpu is not None:
+        index = faiss.index_gpu_to_cpu(work)
+    info = {
+        "train_size": int(size),
+        "train_seconds": round(train_seconds, 3),
+        "add_seconds": round(add_seconds, 3),
+        "device": "cuda" if gpu is not None else "cpu",
+    }
+    logger.info(
+        "index %s: trained in %.1fs, %d vectors added in %.1fs on %s",
+        factory,
+        train_seconds,
+        num_items,
+        add_seconds,
+        info["device"],
+    )
+    return index, info
+
+
+# --------------------------------------------------------------------------- exact search
+
+
+def _blocks(num_rows: int, block: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, num_rows, block):
+        yield start, min(start + block, num_rows)
+
+
+def exact_search(
+    queries: FloatArray,
+    vectors: FloatArray,
+    k: int,
+    *,
+    device: str = "cpu",
+    block_rows: int = EXACT_BLOCK_ROWS,
+) -> tuple[FloatArray, IntArray]:
+    """Exact inner-product top-k over `vectors` read block by block (memmap-friendly).
+
+    CPU: `faiss.knn` per block merged in a `faiss.ResultHeap`. CUDA: the blocks go through
+    torch on the GPU (the exact fallback when faiss has no GPU support).
+
+    Returns:
+        (scores [Q, k] float32 descending, rows [Q, k] int64; -inf / -1 past N).
+    """
+    num_items = vectors.shape[0]
+    k_eff = min(k, num_items)
+    if device.startswith("cuda"):
+        best_scores = torch.full((len(queries), 0), float("-inf"), device=device)
+        best_rows = torch.zeros((len(queries), 0), dtype=torch.int64, device=device)
+        query_t = torch.from_numpy(queries).to(device)
+        for start, end in _blocks(num_items, block_rows):
+            block = torch.from_numpy(np.ascontiguousarray(vectors[start:end])).to(device)
+            top = torch.topk(query_t @ block.T, min(k_eff, end - start), dim=1)
+            merged = torch.cat([best_scores, top.values], dim=1)
+            merged_rows = torch.cat([best_rows, top.indices + start], dim=1)
+            keep = torch.topk(merged, min(k_eff, merged.shape[1]), dim=1).indices
+            best_scores, best_rows = merged.gather(1, keep), merged_rows.gather(1, keep)
+        scores_np = best_scores.cpu().numpy()
+        rows_np = best_rows.cpu().numpy()
+    else:
+        heap = faiss.ResultHeap(len(queries), k_eff, keep_max=True)
+        for start, end in _blocks(num_items, block_rows):
+            block = np.ascontiguousarray(vectors[start:end], dtype=np.float32)
+            scores, rows = faiss.knn(
+                queries, block, min(k_eff, end - start), metric=faiss.METRIC_INNER_PRODUCT
+            )
+            if scores.shape[1] < k_eff:  # pad a short last block to the heap's width
+                pad = k_eff - scores.shape[1]
+                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+            heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
+        heap.finalize()
+        scores_np, rows_np = heap.D, heap.I
+    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_rows = np.full((len(queries), k), -1, dtype=np.int64)
+    out_scores[:, :k_eff] = scores_np
+    out_rows[:, :k_eff] = rows_np
+    return out_scores, out_rows
+
+
+def true_scores(queries: FloatArray, vectors: FloatArray, rows: IntArray) -> FloatArray:
+    """Exact inner product of each query with each of its result rows (-1 rows: -inf)."""
+    out = np.full(rows.shape, -np.inf, dtype=np.float32)
+    for q in range(len(queries)):
+        valid = rows[q] >= 0
+        picked = rows[q][valid]
+        order = np.argsort(picked)  # sorted reads of a memmap
+        gathered = np.empty((len(picked), vectors.shape[1]), dtype=np.float32)
+        gathered[order] = vectors[picked[order]]
+        out[q, valid] = gathered @ queries[q]
+    return out
+
+
+@dataclass
+class GroundTruth:
+    """Queries with their exact top-k, to measure an ANN index against."""
+
+    queries: FloatArray
+    scores: FloatArray  # exact top-k scores [Q, k], descending
+    k: int
+    num_items: int
+
+    def subset(self, rows: IntArray) -> GroundTruth:
+        return GroundTruth(self.queries[rows], self.scores[rows], self.k, self.num_items)
+
+
+def measure_recall(
+    index: faiss.Index, vectors: FloatArray, truth: GroundTruth, params: Mapping[str, Any]
+) -> tuple[float, float]:
+    """(recall@k against exact, search seconds) of `index` under `params` on `truth`."""
+    apply_search_params(index, params)
+    started = time.perf_counter()
+    _, rows = index.search(truth.queries, truth.k)
+    seconds = time.perf_counter() - started
+    rows = rows.astype(np.int64)
+    recall = recall_against_exact(
+        rows, true_scores(truth.queries, vectors, rows), truth.scores, truth.num_items
+    )
+    return recall, seconds
+
+
+def candidate_search_params(index: faiss.Index, k: int) -> list[dict[str, Any]]:
+    """Search settings in increasing cost order ([{}] when the index has none to tune)."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        values = [p for p in (2**i for i in range(20)) if p < ivf.nlist] + [int(ivf.nlist)]
+        return [{"nprobe": p} for p in values if p >= min(8, ivf.nlist)]
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        return [{"efSearch": int(k * f)} for f in (1, 1.5, 2, 3, 4, 6, 8)]
+    return [{}]
+
+
+def tune_search_params(
+    index: faiss.Index,
+    vectors: FloatArray,
+    truth: GroundTruth,
+    target: float,
+    *,
+    explicit: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The cheapest search setting reaching `target` recall on `truth` (or `explicit`).
+
+    Returns:
+        (chosen params, trials), each trial {params, recall, seconds}. When no candidate
+        reaches the target the most expensive one tried is returned (the gate decides).
+    """
+    candidates = [dict(explicit)] if explicit else candidate_search_params(index, truth.k)
+    trials: list[dict[str, Any]] = []
+    chosen = candidates[-1]
+    for params in candidates:
+        recall, seconds = measure_recall(index, vectors, truth, params)
+        trials.append({"params": params, "recall": round(recall, 5), "seconds": round(seconds, 4)})
+        logger.info("search params %s: recall@%d %.4f (%.2fs)", params or "-", truth.k, recall, seconds)
+        if recall >= target:
+            chosen = params
+            break
+    apply_search_params(index, chosen)
+    return chosen, trials
+
+
+def check_search_k(k: int, device: str) -> None:
+    """Refuse a k the chosen search device cannot serve (FAISS GPU caps k at 2048)."""
+    if device.startswith("cuda") and faiss_has_gpu():
+        check_gpu_k(k)

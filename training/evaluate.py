@@ -1,0 +1,675 @@
+"""`retrieval evaluate`: full-catalog recall of a model bundle, exact and through a published
+ANN index, next to popularity and ALS baselines, under the fixed split protocol.
+
+Usage::
+
+    retrieval evaluate --model artifacts/demo/model --data artifacts/demo/data
+    retrieval evaluate --model M --data D --index artifacts/demo/index --json eval.json
+    retrieval evaluate --model M --data D --split valid --k 10,50 --max-users 5000 \\
+        --baselines popularity
+
+Protocol (`retrieval.evaluation`): for the target split S, a user with interactions in S is
+queried with their features and the history at the end of their context (train for valid;
+train + valid for test); the whole catalog minus the context items is ranked; the held-out
+set is their S items. Metrics: recall@K, hit-rate@K and NDCG@K (`retrieval.metrics`).
+
+Stages (timed, with progress bars): load bundle and dataset -> build queries -> embed the
+catalog in slices -> exact top-K in query chunks (memory: one ``[chunk, item_chunk]`` score
+block plus the ``[Q, K]`` ranking, so 1M-item catalogs fit) -> optionally the same queries
+through the ANN index, over-fetching ``K + (most context items of a query in the chunk)``,
+dropping context items and keeping K, reported as the ANN/exact recall ratio and the
+overlap with the exact top-K -> baselines -> table on stdout, JSON to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 20, 50, 100, 1000)
+DEFAULT_BASELINES = ("popularity", "als")
+METRIC_NAMES = ("recall", "hit_rate", "ndcg")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``"10,20,50"`` -> ``(10, 20, 50)`` (sorted, distinct, each >= 1).
+
+    >>> parse_ks("50, 10,10")
+    (10, 50)
+    """
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"`--k` must be comma-separated integers; got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ValueError(f"`--k` must name cut-offs >= 1; got {text!r}")
+    return tuple(ks)
+
+
+def parse_names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``, each in `allowed` (an empty string gives ``()``).
+
+    >>> parse_names("als,popularity", ("popularity", "als"), "--baselines")
+    ('als', 'popularity')
+    """
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"`{what}` entries must be in {list(allowed)}; got {unknown}")
+    return names
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU model, core count, memory and accelerator of this machine (for reports)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cores = os.cpu_count()
+    summary = f"{cores}-core CPU ({cpu}), {memory_gib} GiB RAM, " + (
+        f"GPU {gpu}" if gpu else "no GPU"
+    )
+    return {
+        "summary": summary,
+        "cpu": cpu,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": memory_gib,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Log a stage and record its wall time in `timings[name]`."""
+    start = time.perf_counter()
+    logger.info("stage %s ...", name)
+    yield
+    timings[name] = time.perf_counter() - start
+    logger.info("stage %s done in %.1fs", name, timings[name])
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def embed_catalog(
+    model: Any,
+    encoder: Any,
+    items: Any,
+    *,
+    batch_size: int = 8192,
+    progress: bool = True,
+) -> Any:
+    """`[num_items, D]` item embeddings, encoding and embedding the catalog slice by slice
+    (so the encoded features of the whole catalog never sit in memory at once).
+
+    Args:
+        model: a `TwoTowerModel` in eval mode.
+        encoder: its `FeatureEncoder`.
+        items: the items table (row = item row).
+        batch_size: items encoded and embedded per slice.
+        progress: show a progress bar.
+    """
+    import torch
+
+    parts = []
+    bar = _progress(items.num_rows, "embed catalog", progress)
+    with torch.inference_mode():
+        for start in range(0, items.num_rows, batch_size):
+            chunk = items.slice(start, batch_size)
+            parts.append(model.embed_items(encoder.encode_items(chunk)))
+            bar.update(chunk.num_rows)
+    bar.close()
+    return torch.cat(parts)
+
+
+def embed_queries(
+    model: Any, queries: Any, *, batch_size: int = 4096, progress: bool = True
+) -> Any:
+    """`[Q, D]` query embeddings of prepared evaluation queries, in slices."""
+    import torch
+
+    from retrieval.evaluation import slice_batch
+
+    parts = []
+    bar = _progress(len(queries), "embed queries", progress)
+    with torch.inference_mode():
+        for start in range(0, len(queries), batch_size):
+            batch = slice_batch(queries.query_batch, slice(start, start + batch_size))
+            parts.append(model.embed_queries(batch))
+            bar.update(len(next(iter(batch.values()))))
+    bar.close()
+    return torch.cat(parts) if parts else torch.zeros(0, model.output_dim)
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+def rank_in_chunks(
+    top_k: Callable[[int, int, Any], Any],
+    exclude: Any,
+    k: int,
+    *,
+    query_chunk_size: int = 1024,
+    desc: str = "rank",
+    progress: bool = True,
+) -> Any:
+    """`[Q, k]` ranking assembled from `top_k(start, stop, exclude_rows) -> [stop-start, k]`
+    over query chunks, with a progress bar; `exclude_rows` is the chunk's `ItemSets`."""
+    import torch
+
+    from training.baselines import slice_item_sets
+
+    num_queries = exclude.num_queries
+    parts = []
+    bar = _progress(num_queries, desc, progress)
+    for start in range(0, num_queries, query_chunk_size):
+        stop = min(start + query_chunk_size, num_queries)
+        parts.append(top_k(start, stop, slice_item_sets(exclude, start, stop)))
+        bar.update(stop - start)
+    bar.close()
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.int64)
+
+
+def exact_ranking(
+    query_emb: Any,
+    item_emb: Any,
+    exclude: Any,
+    k: int,
+    *,
+    query_chunk_size: int = 1024,
+    item_chunk_size: int = 32768,
+    progress: bool = True,
+) -> Any:
+    """Exact (brute-force) `[Q, k]` ranking by inner product, context items excluded."""
+    from retrieval.metrics import exact_top_k
+
+    def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
+        _, ranking = exact_top_k(
+            query_emb[start:stop],
+            item_emb,
+            k,
+            exclude_rows,
+            query_chunk_size=query_chunk_size,
+            item_chunk_size=item_chunk_size,
+        )
+        return ranking
+
+    return rank_in_chunks(
+        top_k, exclude, k, query_chunk_size=query_chunk_size, desc="exact top-k", progress=progress
+    )
+
+
+def drop_excluded(candidates: Any, exclude: Any, k: int) -> Any:
+    """Keep, per row, the first `k` candidates that are not excluded (and not ``-1``).
+
+    Args:
+        candidates: ``[q, m]`` int64 item rows, best first, ``-1`` padded (an ANN answer).
+        exclude: `ItemSets` with q rows.
+        k: columns of the result.
+
+    Returns:
+        ``[q, k]`` int64, ``-1`` padded when fewer than k candidates survive.
+
+    >>> import torch
+    >>> from retrieval.metrics import ItemSets
+    >>> drop_excluded(torch.tensor([[4, 2, 7, -1], [1, 0, 3, 5]]), ItemSets.from_lists([[2], [9]]), 3)
+    tensor([[4, 7, -1],
+            [1, 0,  3]])
+    """
+    import torch
+
+    candidates = torch.as_tensor(candidates, dtype=torch.int64)
+    num_rows, width = candidates.shape
+    valid = candidates >= 0  # (q, m)
+    if len(exclude.indices):
+        stride = max(int(candidates.max()), int(exclude.indices.max())) + 1
+        excluded_rows = torch.repeat_interleave(torch.arange(num_rows), exclude.sizes())
+        excluded_keys = excluded_rows * stride + exclude.indices  # (e,)
+        keys = torch.arange(num_rows)[:, None] * stride + candidates  # (q, m)
+        valid &= ~torch.isin(keys, excluded_keys)
+    position = valid.cumsum(dim=1) - 1  # (q, m): slot of each surviving candidate
+    keep = valid & (position < k)
+    out = torch.full((num_rows, k), -1, dtype=torch.int64)
+    rows = torch.arange(num_rows)[:, None].expand(num_rows, width)
+    out[rows[keep], position[keep]] = candidates[keep]
+    return out
+
+
+def ann_ranking(
+    index: Any,
+    query_emb: Any,
+    exclude: Any,
+    k: int,
+    *,
+    query_chunk_size: int = 1024,
+    progress: bool = True,
+) -> Any:
+    """`[Q, k]` ranking through an ANN index: per chunk, search ``k + max excluded`` rows,
+    drop the excluded ones, keep k (the service's `exclude_seen` does the same)."""
+    import numpy as np
+    import torch
+
+    def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
+        sizes = exclude_rows.sizes()
+        fetch = k + (int(sizes.max()) if len(sizes) else 0)
+        fetch = min(fetch, max(k, int(index.num_items)))
+        queries = np.ascontiguousarray(query_emb[start:stop].numpy(), dtype=np.float32)
+        _, rows = index.search(queries, fetch)
+        return drop_excluded(torch.as_tensor(np.asarray(rows), dtype=torch.int64), exclude_rows, k)
+
+    return rank_in_chunks(
+        top_k, exclude, k, query_chunk_size=query_chunk_size, desc="ANN search", progress=progress
+    )
+
+
+def top_k_overlap(ranking: Any, reference: Any, ks: Sequence[int]) -> dict[str, float]:
+    """Mean ``|ranking[:, :K] ∩ reference[:, :K]| / |reference[:, :K]|`` per K: the usual
+    "ANN recall" of an index against exact search (``-1`` padding ignored).
+
+    >>> import torch
+    >>> top_k_overlap(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 4]]), [1, 3])
+    {'overlap@1': 1.0, 'overlap@3': 0.6666666666666666}
+    """
+    import torch
+
+    result = {}
+    for k in ks:
+        ours, ref = ranking[:, :k], reference[:, :k]
+        hits = ((ours[:, :, None] == ref[:, None, :]) & (ref[:, None, :] >= 0)).any(dim=1)
+        hits = hits.sum(dim=1).to(torch.float64)  # (Q,) reference items found
+        sizes = (ref >= 0).sum(dim=1).to(torch.float64)
+        has = sizes > 0
+        result[f"overlap@{k}"] = float((hits[has] / sizes[has]).mean()) if bool(has.any()) else 1.0
+    return result
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def resolve_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Split cut-offs into those evaluated (K < catalog size) and those dropped: with
+    K >= the catalog every ranker returns every candidate, so recall@K says nothing.
+
+    >>> resolve_ks([10, 50, 1000], 200)
+    ((10, 50), (1000,))
+    """
+    kept = tuple(k for k in ks if k < num_items)
+    dropped = tuple(k for k in ks if k >= num_items)
+    if not kept:
+        raise ValueError(
+            f"`--k` {list(ks)}: every cut-off is >= the catalog size ({num_items} items)"
+        )
+    return kept, dropped
+
+
+def _check_index_matches(index: Any, bundle: Any) -> None:
+    """Refuse an index built from another model or catalog (best effort on the manifest)."""
+    if int(index.num_items) != bundle.encoder.num_items:
+        raise ValueError(
+            f"index version {index.version!r} holds {index.num_items} items; the model's "
+            f"catalog has {bundle.encoder.num_items}"
+        )
+    manifest = dict(getattr(index, "manifest", {}) or {})
+    model_info = manifest.get("model")
+    recorded = {
+        "checksum": manifest.get("model_checksum"),
+        "version": manifest.get("model_version"),
+    }
+    if isinstance(model_info, dict):
+        recorded["checksum"] = recorded["checksum"] or model_info.get("checksum")
+        recorded["version"] = recorded["version"] or model_info.get("version")
+    if recorded["checksum"] and recorded["checksum"] != bundle.checksum:
+        raise ValueError(
+            f"index version {index.version!r} was built from model checksum "
+            f"{str(recorded['checksum'])[:12]}...; --model has {bundle.checksum[:12]}..."
+        )
+    if recorded["version"] and recorded["version"] != bundle.version:
+        raise ValueError(
+            f"index version {index.version!r} was built from model {recorded['version']!r}; "
+            f"--model is {bundle.version!r}"
+        )
+
+
+def evaluate_bundle(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    split: str = "test",
+    ks: Sequence[int] = DEFAULT_KS,
+    index_root: str | Path | None = None,
+    index_version: str | None = None,
+    max_users: int = 0,
+    seed: int = 0,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    als_grid: Any = None,
+    tuning_max_users: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model bundle on `split` (exact, optionally ANN) and the baselines.
+
+    Args:
+        model_dir: model bundle directory.
+        data_dir: the dataset the model was trained on.
+        split: 'valid' or 'test'.
+        ks: cut-offs; those >= the catalog size are dropped (and listed in the result).
+        index_root: a published index root (`retrieval build-index --out`), or None.
+        index_version: the version under `index_root` (None = the current one).
+        max_users: evaluate a fixed random sample of this many users (0 = all).
+        seed: seed of that sample and of the ALS initialisation.
+        baselines: any of 'popularity', 'als'.
+        als_grid: `training.baselines.ALSGrid` (None = its default small grid).
+        tuning_max_users: valid users sampled for ALS tuning (0 = `max_users`).
+        progress: progress bars on stderr.
+
+    Returns:
+        The JSON-ready report: setup, per-ranker metrics, ANN comparison, timings.
+    """
+    import torch
+
+    from retrieval.bundle import load_bundle
+    from retrieval.data.dataset import load_dataset
+    from retrieval.evaluation import build_eval_queries, encode_users_in_encoder_order
+    from training import baselines as bl
+
+    for name in baselines:
+        if name not in bl.BASELINES:
+            raise ValueError(f"`baselines` entries must be in {list(bl.BASELINES)}; got {name!r}")
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        bundle = load_bundle(model_dir)
+        dataset = load_dataset(data_dir)
+        encoder = bundle.encoder
+        num_items = encoder.num_items
+        if dataset.items.num_rows != num_items:
+            raise ValueError(
+                f"{data_dir} has {dataset.items.num_rows} items; the model was trained on "
+                f"{num_items}: evaluate on the dataset the model was trained on"
+            )
+    ks, dropped = resolve_ks(ks, num_items)
+    if dropped:
+        logger.info("dropping K %s: not below the catalog size (%d items)", dropped, num_items)
+    k_max = max(ks)
+    with timed(timings, "queries"):
+        user_features = encode_users_in_encoder_order(encoder, dataset)
+        queries = build_eval_queries(
+            encoder, dataset, split, max_users=max_users, seed=seed, user_features=user_features
+        )
+    model = bundle.model.eval()
+    with timed(timings, "embed"):
+        item_emb = embed_catalog(model, encoder, dataset.items, progress=progress)
+        query_emb = embed_queries(model, queries, progress=progress)
+    with timed(timings, "exact"):
+        exact = exact_ranking(query_emb, item_emb, queries.exclude, k_max, progress=progress)
+        model_metrics: dict[str, Any] = dict(ranking_metrics_of(exact, queries, ks))
+    model_metrics["search_seconds"] = timings["exact"]
+    results: dict[str, Any] = {"model": model_metrics}
+
+    ann_report: dict[str, Any] | None = None
+    if index_root is not None:
+        from retrieval.index_store import load_index_version
+
+        with timed(timings, "ann"):
+            index = load_index_version(index_root, index_version)
+            _check_index_matches(index, bundle)
+            search_start = time.perf_counter()
+            ann = ann_ranking(index, query_emb, queries.exclude, k_max, progress=progress)
+            search_seconds = time.perf_counter() - search_start
+            ann_metrics: dict[str, Any] = dict(ranking_metrics_of(ann, queries, ks))
+        ann_metrics["search_seconds"] = search_seconds
+        results["model_ann"] = ann_metrics
+        ratios = {
+            f"recall_ratio@{k}": (
+                ann_metrics[f"recall@{k}"] / model_metrics[f"recall@{k}"]
+                if model_metrics[f"recall@{k}"] > 0
+                else float("nan")
+            )
+            for k in ks
+        }
+        ann_report = {
+            "index_root": str(Path(index_root).resolve()),
+            "index_version": str(index.version),
+            "index_manifest": _jsonable(getattr(index, "manifest", {})),
+            **ratios,
+            **top_k_overlap(ann, exact, ks),
+            "queries_per_second": len(queries) / max(search_seconds, 1e-9),
+        }
+        del ann
+    del exact
+
+    for name in baselines:
+        with timed(timings, name):
+            try:
+                if name == "popularity":
+                    results[name] = bl.evaluate_popularity_baseline(encoder, dataset, queries, ks)
+                else:
+                    valid_queries = (
+                        queries
+                        if split == "valid" and not tuning_max_users
+                        else build_eval_queries(
+                            encoder,
+                            dataset,
+                            "valid",
+                            max_users=tuning_max_users or max_users,
+                            seed=seed,
+                            user_features=user_features,
+                        )
+                    )
+                    als = bl.tune_and_evaluate_als(
+                        encoder,
+                        dataset,
+                        queries,
+                        ks,
+                        valid_queries=valid_queries,
+                        grid=als_grid or bl.ALSGrid(),
+                        seed=seed,
+                    )
+                    results[name] = als.to_dict()
+            except bl.BaselineUnavailable as exc:
+                logger.warning("baseline %s skipped: %s", name, exc)
+                results[name] = {"skipped": str(exc)}
+
+    timings["total"] = time.perf_counter() - started
+    return {
+        "split": split,
+        "ks": list(ks),
+        "dropped_ks": list(dropped),
+        "num_users": len(queries),
+        "max_users": max_users,
+        "num_items": num_items,
+        "model": {
+            "path": str(Path(model_dir).resolve()),
+            "version": bundle.version,
+            "checksum": bundle.checksum,
+            "arrangement": bundle.config.query.arrangement,
+            "cross_kind": bundle.config.query.cross_kind,
+        },
+        "data": str(Path(data_dir).resolve()),
+        "results": results,
+        "ann": ann_report,
+        "timings": timings,
+        "machine": describe_machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def ranking_metrics_of(ranking: Any, queries: Any, ks: Sequence[int]) -> dict[str, float | int]:
+    from retrieval.metrics import ranking_metrics
+
+    return ranking_metrics(ranking, queries.held_out, ks)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _ranker_label(name: str, result: dict[str, Any], report: dict[str, Any]) -> str:
+    if name == "model":
+        return "model (exact)"
+    if name == "model_ann":
+        return f"model (ANN {report['ann']['index_version']})"
+    if name == "als" and "params" in result:
+        p = result["params"]
+        return f"als (f={p['factors']}, reg={p['regularization']:g}, a={p['alpha']:g})"
+    if name == "popularity":
+        return f"popularity ({result.get('counts', 'train')})"
+    return name
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: one table per metric, rankers as rows, K as columns."""
+    ks = report["ks"]
+    results = report["results"]
+    labels = {name: _ranker_label(name, r, report) for name, r in results.items()}
+    width = max(24, *(len(label) + 2 for label in labels.values()))
+    lines = [
+        f"split {report['split']}: {report['num_users']} users, {report['num_items']} items "
+        "(full catalog, context items excluded)"
+    ]
+    if report["dropped_ks"]:
+        lines.append(f"K {report['dropped_ks']} dropped: not below the catalog size")
+    for metric in METRIC_NAMES:
+        lines.append("")
+        lines.append(f"{'':<{width}}" + "".join(f"{f'{metric}@{k}':>13}" for k in ks))
+        for name, result in results.items():
+            if "skipped" in result:
+                if metric == METRIC_NAMES[0]:
+                    lines.append(f"{name:<{width}}skipped: {result['skipped']}")
+                continue
+            lines.append(
+                f"{labels[name]:<{width}}"
+                + "".join(f"{result[f'{metric}@{k}']:>13.4f}" for k in ks)
+            )
+        if metric == "recall" and report.get("ann"):
+            ann = report["ann"]
+            lines.append(
+                f"{'  ANN/exact recall':<{width}}"
+                + "".join(f"{ann[f'recall_ratio@{k}']:>13.4f}" for k in ks)
+            )
+            lines.append(
+                f"{'  ANN ∩ exact top-K':<{width}}"
+                + "".join(f"{ann[f'overlap@{k}']:>13.4f}" for k in ks)
+            )
+    timings = report["timings"]
+    lines.append("")
+    lines.append(
+        "timings: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+    )
+    lines.append(f"machine: {report['machine']['summary']}")
+    return "\n".join(lines)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from retrieval.atomic import atomic_write_text
+    from training.baselines import ALSGrid
+
+    ks = parse_ks(args.k)
+    baselines = parse_names(args.baselines, DEFAULT_BASELINES, "--baselines")
+    if args.max_users < 0:
+        raise ValueError(f"`--max-users` must be >= 0; got {args.max_users}")
+    grid = ALSGrid(
+        factors=tuple(int(v) for v in args.als_factors.split(",")),
+        regularization=tuple(float(v) for v in args.als_regularization.split(",")),
+        alpha=tuple(float(v) for v in args.als_alpha.split(",")),
+        iterations=args.als_iterations,
+    )
+    if args.index_version and not args.index:
+        raise ValueError("`--index-version` needs `--index`")
+    report = evaluate_bundle(
+        args.model,
+        args.data,
+        split=args.split,
+        ks=ks,
+        index_root=args.index,
+        index_version=args.index_version,
+        max_users=args.max_users,
+        seed=args.seed,
+        baselines=baselines,
+        als_grid=grid,
+        tuning_max_users=args.tuning_max_users,
+        progress=not args.no_progress,
+    )
+    print(format_report(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register_evaluate(subparsers: Any) -> None:
+    """Add `retrieval evaluate` (the `retrieval.commands` entry point)."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="full-catalog recall of a model (exact and ANN) next to baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    parser.add_argument("--data", required=True, type=Path, help="dataset directory")
+    parser.add_argument("--index", type=Path, help="published index root: also evaluate ANN")
+    parser.add_argument("--index-version", help="index version under --index (default current)")
+    parser.add_argument("--split", choices=("valid", "test"), default="test", help="target split")
+    parser.add_argument(
+        "--k", default=",".join(map(str, DEFAULT_KS)), help="cut-offs (default %(default)s)"
+    )
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument(
+        "--max-users", type=int, default=0, help="evaluate a random sample of N users (0 = all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="user sample and ALS seed")
+    parser.add_argument(
+        "--baselines",
+        default=",".join(DEFAULT_BASELINES),
+        help="comma-separated: popularity, als ('' for none; default %(default)s)",
+    )
+    parser.add_argument("--als-factors", default="32,64,128", help="ALS grid: factors")
+    parser.add_argument("--als-regularization", default="0.01,0.1", help="ALS grid: lambda")
+    parser.add_argument("--als-alpha", default="1,10", help="ALS grid: confidence alpha")
+    parser.add_argument("--als-iterations", type=int, default=15, help="ALS sweeps per fit")
+    parser.add_argument(
+        "--tuning-max-users",
+        type=int,
+        default=0,
+        help="valid users sampled for ALS tuning (0 = same as --max-users)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_evaluate)
