@@ -24,9 +24,9 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
 def test_bad_values_are_named(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("lr: fast\n")
-    with pytest.raises(ValueError, match="`lr` must be a number; got 'fast'"):
+    with pytest.raises(ValueError, match=r"`lr` must be a number; got .fast."):
         TrainConfig.load(path)
-    with pytest.raises(ValueError, match="model.arrangement"):
+    with pytest.raises(ValueError, match=r"model\.arrangement"):
         TrainConfig.from_dict({"model": {"arrangement": "sideways"}})
     with pytest.raises(ValueError, match="unknown `loss` section keys"):
         TrainConfig.from_dict({"loss": {"temp": 1}})

@@ -188,7 +188,7 @@ def test_bad_inputs_give_clear_errors(tiny_dataset: Path, tmp_path: Path) -> Non
             tiny_train_config(embedding_dims={"colour": 4}),
             progress=False,
         )
-    with pytest.raises(ValueError, match="eval.metric"):
+    with pytest.raises(ValueError, match=r"eval\.metric"):
         train(
             tiny_dataset,
             tmp_path / "m",
