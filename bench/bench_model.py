@@ -239,9 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="eager,trace,compile", help="export modes to time")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--threads", default="1,2", help="torch threads for the export timings")
+    parser.add_argument(
+        "--variant-threads", type=int, default=0, help="torch threads for the variants (0: default)"
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
 
+    if args.variant_threads:
+        torch.set_num_threads(args.variant_threads)
     result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),

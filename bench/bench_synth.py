@@ -11,8 +11,8 @@ Each configuration (items, users, interactions) runs `generate_synthetic_dataset
 Python process, so its peak resident set size (ru_maxrss from wait4) is the generator's own.
 Beside the timing, the written dataset is checked with `retrieval.data.dataset.
 validate_dataset` (ids unique and known, rows sorted by user then time, split protocol) and
-the row counts are compared with the requested sizes. Prints one JSON object per
-configuration, then a table.
+the row counts are compared with the requested sizes. Prints a table on stderr and the
+JSON (machine, load average, one result per configuration) on stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import emit, machine
 
 CHILD = """
 import json, logging, sys
@@ -122,7 +123,7 @@ def main() -> None:
             "process_wall_s": round(wall_s, 2),
             "peak_rss_mib": round(peak_mib, 1),
             "files_mib": {k: round(v / 2**20, 1) for k, v in stats["files"].items()},
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+            "load_average_after": os.getloadavg(),
         }
         if not args.no_validate:
             check, _, check_peak = run_child(VALIDATE, str(out))
@@ -134,20 +135,23 @@ def main() -> None:
             )
             result["validate_s"] = round(check["validate_s"], 2)
             result["validate_peak_rss_mib"] = round(check_peak, 1)
-        print(json.dumps(result), flush=True)
+        print(json.dumps(result), file=sys.stderr, flush=True)
         results.append(result)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     if not args.keep and args.out_root is None:
         shutil.rmtree(root, ignore_errors=True)
 
-    header = f"{'items':>11} {'users':>10} {'interactions':>13} {'elapsed s':>10} {'peak RSS MiB':>13} {'valid':>6}"
-    print(header)
+    lines = [
+        f"{'items':>11} {'users':>10} {'interactions':>13} {'elapsed s':>10} "
+        f"{'peak RSS MiB':>13} {'valid':>6}"
+    ]
     for r in results:
-        print(
+        lines.append(
             f"{r['items']:>11,} {r['users']:>10,} {r['interactions']:>13,} "
             f"{r['elapsed_s']:>10.1f} {r['peak_rss_mib']:>13.0f} {r.get('validated', '-')!s:>6}"
         )
+    emit({"machine": machine(), "results": results}, "\n".join(lines))
 
 
 if __name__ == "__main__":

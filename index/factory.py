@@ -37,7 +37,6 @@ import torch
 
 from retrieval.index_store import (
     apply_search_params,
-    check_gpu_k,
     faiss_has_gpu,
     recall_against_exact,
 )
@@ -132,7 +131,11 @@ def _to_gpu(index: faiss.Index) -> tuple[Any, Any] | None:
     try:
         return faiss.index_cpu_to_gpu(resources, 0, index), resources
     except RuntimeError as exc:  # e.g. HNSW has no GPU counterpart
-        logger.warning("index type %s has no FAISS GPU version (%s); building on CPU", type(index).__name__, exc)
+        logger.warning(
+            "index type %s has no FAISS GPU version (%s); building on CPU",
+            type(index).__name__,
+            exc,
+        )
         return None
 
 
@@ -249,9 +252,9 @@ def exact_search(
     else:
         heap = faiss.ResultHeap(len(queries), k_eff, keep_max=True)
         for start, end in _blocks(num_items, block_rows):
-            block = np.ascontiguousarray(vectors[start:end], dtype=np.float32)
+            block_np = np.ascontiguousarray(vectors[start:end], dtype=np.float32)
             scores, rows = faiss.knn(
-                queries, block, min(k_eff, end - start), metric=faiss.METRIC_INNER_PRODUCT
+                queries, block_np, min(k_eff, end - start), metric=faiss.METRIC_INNER_PRODUCT
             )
             if scores.shape[1] < k_eff:  # pad a short last block to the heap's width
                 pad = k_eff - scores.shape[1]
@@ -340,15 +343,11 @@ def tune_search_params(
     for params in candidates:
         recall, seconds = measure_recall(index, vectors, truth, params)
         trials.append({"params": params, "recall": round(recall, 5), "seconds": round(seconds, 4)})
-        logger.info("search params %s: recall@%d %.4f (%.2fs)", params or "-", truth.k, recall, seconds)
+        logger.info(
+            "search params %s: recall@%d %.4f (%.2fs)", params or "-", truth.k, recall, seconds
+        )
         if recall >= target:
             chosen = params
             break
     apply_search_params(index, chosen)
     return chosen, trials
-
-
-def check_search_k(k: int, device: str) -> None:
-    """Refuse a k the chosen search device cannot serve (FAISS GPU caps k at 2048)."""
-    if device.startswith("cuda") and faiss_has_gpu():
-        check_gpu_k(k)

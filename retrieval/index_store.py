@@ -364,20 +364,18 @@ def parse_search_params(text: str) -> dict[str, int | float]:
     return params
 
 
-def apply_search_params(index: faiss.Index, params: Mapping[str, Any]) -> None:
+def apply_search_params(index: Any, params: Mapping[str, Any]) -> None:
     """Set search-time parameters (nprobe, efSearch, ...) on a CPU or GPU index."""
-    if not params:
-        return
-    text = format_search_params(params)
-    space = (
-        faiss.GpuParameterSpace()
-        if hasattr(faiss, "GpuParameterSpace") and "Gpu" in type(index).__name__
-        else faiss.ParameterSpace()
-    )
-    try:
-        space.set_index_parameters(index, text)
-    except RuntimeError as exc:
-        raise ValueError(f"search params {text!r} do not apply to this index: {exc}") from exc
+    format_search_params(params)  # refuses unknown names
+    gpu = hasattr(faiss, "GpuParameterSpace") and "Gpu" in type(index).__name__
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"search param {name}={value} does not apply to this index: {exc}"
+            ) from exc
 
 
 def as_query_array(query_emb: npt.ArrayLike | torch.Tensor, dim: int) -> FloatArray:
@@ -514,7 +512,9 @@ class IndexVersion:
             try:
                 self._gpu_index = faiss.index_cpu_to_gpu(resources, device, self.index)
             except RuntimeError as exc:
-                raise IndexStoreError(f"index {self.factory!r} cannot move to the GPU: {exc}") from exc
+                raise IndexStoreError(
+                    f"index {self.factory!r} cannot move to the GPU: {exc}"
+                ) from exc
             self._gpu_resources = resources
             apply_search_params(self._gpu_index, self.search_params)
             return "faiss"
@@ -524,7 +524,9 @@ class IndexVersion:
         self._torch_vectors = torch.from_numpy(vectors).to(f"cuda:{device}")
         return "torch"
 
-    def search(self, query_emb: npt.ArrayLike | torch.Tensor, k: int) -> tuple[FloatArray, IntArray]:
+    def search(
+        self, query_emb: npt.ArrayLike | torch.Tensor, k: int
+    ) -> tuple[FloatArray, IntArray]:
         """Top-k item rows by inner product; see the class docstring for shapes."""
         k = check_k(k)
         queries = as_query_array(query_emb, self.dim)

@@ -220,16 +220,17 @@ def fit_als(
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(
-        factors=params.factors,
-        regularization=params.regularization,
-        alpha=params.alpha,
-        iterations=params.iterations,
-        random_state=seed,
-        num_threads=num_threads,
-    )
-    # implicit parallelises over users itself; a multi-threaded BLAS underneath slows it down.
+    # implicit parallelises over users itself and warns (once, when the model is built) if a
+    # multi-threaded BLAS runs underneath, which slows it down: build and fit single-BLAS.
     with threadpool_limits(limits=1, user_api="blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=seed,
+            num_threads=num_threads,
+        )
         model.fit(matrix.tocsr().astype(np.float32), show_progress=False)
     return (
         np.asarray(model.user_factors, dtype=np.float32),

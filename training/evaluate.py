@@ -280,11 +280,14 @@ def ann_ranking(
     exclude: Any,
     k: int,
     *,
+    row_map: Any = None,
     query_chunk_size: int = 1024,
     progress: bool = True,
 ) -> Any:
     """`[Q, k]` ranking through an ANN index: per chunk, search ``k + max excluded`` rows,
-    drop the excluded ones, keep k (the service's `exclude_seen` does the same)."""
+    drop the excluded ones, keep k (the service's `exclude_seen` does the same).
+
+    `row_map` (`index_row_map`) translates index labels to item rows when they differ."""
     import numpy as np
     import torch
 
@@ -293,8 +296,11 @@ def ann_ranking(
         fetch = k + (int(sizes.max()) if len(sizes) else 0)
         fetch = min(fetch, max(k, int(index.num_items)))
         queries = np.ascontiguousarray(query_emb[start:stop].numpy(), dtype=np.float32)
-        _, rows = index.search(queries, fetch)
-        return drop_excluded(torch.as_tensor(np.asarray(rows), dtype=torch.int64), exclude_rows, k)
+        _, labels = index.search(queries, fetch)
+        rows = torch.as_tensor(np.asarray(labels), dtype=torch.int64)  # (q, fetch)
+        if row_map is not None:
+            rows = torch.where(rows >= 0, row_map[rows.clamp(min=0)], rows)
+        return drop_excluded(rows, exclude_rows, k)
 
     return rank_in_chunks(
         top_k, exclude, k, query_chunk_size=query_chunk_size, desc="ANN search", progress=progress
@@ -342,31 +348,48 @@ def resolve_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tupl
 
 
 def _check_index_matches(index: Any, bundle: Any) -> None:
-    """Refuse an index built from another model or catalog (best effort on the manifest)."""
-    if int(index.num_items) != bundle.encoder.num_items:
-        raise ValueError(
-            f"index version {index.version!r} holds {index.num_items} items; the model's "
-            f"catalog has {bundle.encoder.num_items}"
-        )
+    """Refuse an index built from another model (when its manifest records the model)."""
     manifest = dict(getattr(index, "manifest", {}) or {})
-    model_info = manifest.get("model")
-    recorded = {
-        "checksum": manifest.get("model_checksum"),
-        "version": manifest.get("model_version"),
-    }
-    if isinstance(model_info, dict):
-        recorded["checksum"] = recorded["checksum"] or model_info.get("checksum")
-        recorded["version"] = recorded["version"] or model_info.get("version")
-    if recorded["checksum"] and recorded["checksum"] != bundle.checksum:
+    model_section = manifest.get("model")
+    model_info: dict[str, Any] = model_section if isinstance(model_section, dict) else {}
+    recorded_checksum = manifest.get("model_checksum") or model_info.get("checksum")
+    recorded_version = (
+        manifest.get("model_version") or model_info.get("model_version") or model_info.get("version")
+    )
+    if recorded_checksum and recorded_checksum != bundle.checksum:
         raise ValueError(
             f"index version {index.version!r} was built from model checksum "
-            f"{str(recorded['checksum'])[:12]}...; --model has {bundle.checksum[:12]}..."
+            f"{str(recorded_checksum)[:12]}...; --model has {bundle.checksum[:12]}..."
         )
-    if recorded["version"] and recorded["version"] != bundle.version:
+    if recorded_version and recorded_version != bundle.version:
         raise ValueError(
-            f"index version {index.version!r} was built from model {recorded['version']!r}; "
+            f"index version {index.version!r} was built from model {recorded_version!r}; "
             f"--model is {bundle.version!r}"
         )
+
+
+def index_row_map(index: Any, encoder: Any) -> Any:
+    """`[index.num_items]` int64: the encoder's item row of each index label, or None when
+    the index labels are already the encoder's rows (the usual case)."""
+    import numpy as np
+    import torch
+
+    try:
+        rows = np.asarray(encoder.item_index(index.item_ids), dtype=np.int64)
+    except ValueError as exc:
+        raise ValueError(
+            f"index version {index.version!r} holds items the model's catalog lacks: {exc}"
+        ) from exc
+    if len(rows) < encoder.num_items:
+        logger.warning(
+            "index version %s holds %d of the catalog's %d items; the others are never returned",
+            index.version,
+            len(rows),
+            encoder.num_items,
+        )
+    if len(rows) == encoder.num_items and bool((rows == np.arange(len(rows))).all()):
+        return None
+    return torch.from_numpy(rows)
 
 
 def evaluate_bundle(
@@ -451,8 +474,11 @@ def evaluate_bundle(
         with timed(timings, "ann"):
             index = load_index_version(index_root, index_version)
             _check_index_matches(index, bundle)
+            row_map = index_row_map(index, encoder)
             search_start = time.perf_counter()
-            ann = ann_ranking(index, query_emb, queries.exclude, k_max, progress=progress)
+            ann = ann_ranking(
+                index, query_emb, queries.exclude, k_max, row_map=row_map, progress=progress
+            )
             search_seconds = time.perf_counter() - search_start
             ann_metrics: dict[str, Any] = dict(ranking_metrics_of(ann, queries, ks))
         ann_metrics["search_seconds"] = search_seconds
@@ -468,6 +494,7 @@ def evaluate_bundle(
         ann_report = {
             "index_root": str(Path(index_root).resolve()),
             "index_version": str(index.version),
+            "index_num_items": int(index.num_items),
             "index_manifest": _jsonable(getattr(index, "manifest", {})),
             **ratios,
             **top_k_overlap(ann, exact, ks),
@@ -569,7 +596,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"K {report['dropped_ks']} dropped: not below the catalog size")
     for metric in METRIC_NAMES:
         lines.append("")
-        lines.append(f"{'':<{width}}" + "".join(f"{f'{metric}@{k}':>13}" for k in ks))
+        column = max(12, *(len(f"{metric}@{k}") for k in ks)) + 2
+        lines.append(f"{'':<{width}}" + "".join(f"{f'{metric}@{k}':>{column}}" for k in ks))
         for name, result in results.items():
             if "skipped" in result:
                 if metric == METRIC_NAMES[0]:
@@ -577,17 +605,17 @@ def format_report(report: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"{labels[name]:<{width}}"
-                + "".join(f"{result[f'{metric}@{k}']:>13.4f}" for k in ks)
+                + "".join(f"{result[f'{metric}@{k}']:>{column}.4f}" for k in ks)
             )
         if metric == "recall" and report.get("ann"):
             ann = report["ann"]
             lines.append(
                 f"{'  ANN/exact recall':<{width}}"
-                + "".join(f"{ann[f'recall_ratio@{k}']:>13.4f}" for k in ks)
+                + "".join(f"{ann[f'recall_ratio@{k}']:>{column}.4f}" for k in ks)
             )
             lines.append(
                 f"{'  ANN ∩ exact top-K':<{width}}"
-                + "".join(f"{ann[f'overlap@{k}']:>13.4f}" for k in ks)
+                + "".join(f"{ann[f'overlap@{k}']:>{column}.4f}" for k in ks)
             )
     timings = report["timings"]
     lines.append("")

@@ -1,0 +1,294 @@
+"""Query features as the service takes them: checked per request, encoded per batch.
+
+An inline query is a JSON object of raw values, keyed like the columns of
+`users.parquet` (the query tower's non-history features), plus the history feature
+(``"history"`` in the shipped schemas) as a list of catalog item ids, **most recent
+first** (the order `retrieval.encoders` uses). Per feature kind:
+
+=================  ==========================================  ==========================
+kind               accepted JSON                               becomes
+=================  ==========================================  ==========================
+categorical        string, integer (decimal text), bool, null  vocabulary code; unknown
+hashed             string, integer, bool, null                 -> OOV (as the encoder)
+bag, hashed_bag    list of strings/integers, or null           codes of the first tokens
+dense              finite number, or null (missing)            standardised (train stats)
+history            list of item ids (strings/integers)         first N ids, unknown -> OOV
+=================  ==========================================  ==========================
+
+A feature left out counts as null (categorical -> OOV, bag -> empty, dense -> missing).
+An unknown feature *name*, a value of the wrong type, NaN or infinity is refused with
+`InvalidRequestError` naming the field. The feature store's records go through the same
+checks, then both are encoded by the model bundle's own `FeatureEncoder`, so a query
+built from a `user_id` is encoded exactly as `retrieval.evaluation` encodes it offline.
+
+Example:
+    >>> from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
+    >>> schema = DatasetSchema(
+    ...     name="s",
+    ...     query_features=(
+    ...         FeatureSpec("age", FeatureKind.DENSE),
+    ...         FeatureSpec("history", FeatureKind.HISTORY, embedding_dim=16, max_length=2,
+    ...                     shared_with="item_id"),
+    ...     ),
+    ...     item_features=(FeatureSpec("item_id", FeatureKind.CATEGORICAL),),
+    ... )
+    >>> spec = QuerySchema.from_schema(schema)
+    >>> q = normalize_query({"age": 31, "history": ["a", 7, "c"]}, spec)
+    >>> q.values, q.history
+    ({'age': 31.0}, ('a', '7'))
+    >>> normalize_query({"agee": 3}, spec)
+    Traceback (most recent call last):
+    ...
+    service.errors.InvalidRequestError: unknown query feature 'agee'; known features: ['age', 'history']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from retrieval.encoders import FeatureEncoder
+from retrieval.features import FeatureKind, FeatureSpec
+from service.errors import InvalidRequestError
+
+SCALAR_KINDS = frozenset({FeatureKind.CATEGORICAL, FeatureKind.HASHED})
+LIST_KINDS = frozenset({FeatureKind.BAG, FeatureKind.HASHED_BAG})
+MAX_TOKEN_CHARS = 1024  # longest string value accepted in a feature
+MAX_BAG_TOKENS = 1024  # longest list accepted in a bag feature
+
+
+@dataclass(frozen=True)
+class QuerySchema:
+    """What a query may hold, derived from the bundle's dataset schema.
+
+    Args:
+        columns: users.parquet column -> the (non-history) feature reading it.
+        history_name: name of the history feature (the JSON key), or None.
+        history_length: N, items of history the tower reads (0 without history).
+    """
+
+    columns: Mapping[str, FeatureSpec]
+    history_name: str | None
+    history_length: int
+
+    @classmethod
+    def from_schema(cls, schema: Any) -> QuerySchema:
+        columns: dict[str, FeatureSpec] = {}
+        history_name, history_length = None, 0
+        for spec in schema.query_features:
+            if spec.kind == FeatureKind.HISTORY:
+                history_name, history_length = spec.name, spec.max_length
+            else:
+                columns[spec.source_column] = spec
+        return cls(columns=columns, history_name=history_name, history_length=history_length)
+
+    @property
+    def known(self) -> list[str]:
+        names = list(self.columns)
+        if self.history_name is not None:
+            names.append(self.history_name)
+        return sorted(names)
+
+    def describe(self) -> dict[str, Any]:
+        """The query schema as JSON (for /v1/info)."""
+        features = {
+            column: {"kind": str(spec.kind), "feature": spec.name}
+            for column, spec in self.columns.items()
+        }
+        if self.history_name is not None:
+            features[self.history_name] = {
+                "kind": str(FeatureKind.HISTORY),
+                "max_length": self.history_length,
+                "order": "most recent first",
+            }
+        return features
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    """One query's checked raw values: column -> value, and history ids (most recent first)."""
+
+    values: Mapping[str, Any]
+    history: tuple[str, ...] = ()
+
+    def canonical(self) -> dict[str, Any]:
+        """A JSON-ready form with a fixed key order (cache keys)."""
+        return {"values": dict(sorted(self.values.items())), "history": list(self.history)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scalar_text(value: Any, field: str) -> str | None:
+    """A categorical/hashed value as the encoder reads it (ints as decimal text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"  # what Arrow's bool -> string cast gives
+    if _is_int(value):
+        return str(value)
+    if isinstance(value, str):
+        if len(value) > MAX_TOKEN_CHARS:
+            raise InvalidRequestError(
+                f"`{field}` must be at most {MAX_TOKEN_CHARS} characters; got {len(value)}",
+                field=field,
+            )
+        return value
+    raise InvalidRequestError(
+        f"`{field}` must be a string or an integer; got {type(value).__name__} {_short(value)}",
+        field=field,
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_value(spec: FeatureSpec, value: Any, field: str) -> Any:
+    kind = spec.kind
+    if kind in SCALAR_KINDS:
+        return _scalar_text(value, field)
+    if kind in LIST_KINDS:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise InvalidRequestError(
+                f"`{field}` ({kind}) must be a list of strings; got {type(value).__name__} "
+                f"{_short(value)}",
+                field=field,
+            )
+        if len(value) > MAX_BAG_TOKENS:
+            raise InvalidRequestError(
+                f"`{field}` must hold at most {MAX_BAG_TOKENS} tokens; got {len(value)}",
+                field=field,
+            )
+        return [_scalar_text(token, f"{field}[{i}]") for i, token in enumerate(value)]
+    if kind == FeatureKind.DENSE:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, int | float):
+            raise InvalidRequestError(
+                f"`{field}` (dense) must be a number or null; got {type(value).__name__} "
+                f"{_short(value)}",
+                field=field,
+            )
+        number = float(value)
+        if not math.isfinite(number):
+            raise InvalidRequestError(
+                f"`{field}` (dense) must be a finite number (send null for a missing value); "
+                f"got {value!r}",
+                field=field,
+            )
+        return number
+    raise InvalidRequestError(f"`{field}`: feature kind {kind} cannot be sent", field=field)
+
+
+def normalize_history(
+    history: Any, schema: QuerySchema, field: str, max_items: int | None = None
+) -> tuple[str, ...]:
+    """Checked history ids, most recent first, cut to the tower's N."""
+    if history is None:
+        return ()
+    if not isinstance(history, list | tuple):
+        raise InvalidRequestError(
+            f"`{field}` must be a list of item ids (most recent first); got "
+            f"{type(history).__name__} {_short(history)}",
+            field=field,
+        )
+    if max_items is not None and len(history) > max_items:
+        raise InvalidRequestError(
+            f"`{field}` must hold at most {max_items} item ids; got {len(history)}", field=field
+        )
+    kept = history[: schema.history_length]
+    ids = []
+    for i, item in enumerate(kept):
+        text = _scalar_text(item, f"{field}[{i}]")
+        if text is None:
+            raise InvalidRequestError(f"`{field}[{i}]` must be an item id; got null", field=field)
+        ids.append(text)
+    return tuple(ids)
+
+
+def normalize_query(
+    raw: Mapping[str, Any],
+    schema: QuerySchema,
+    *,
+    field: str = "query",
+    max_history: int | None = None,
+) -> QueryFeatures:
+    """Check an inline query (or a feature store record) against the query schema.
+
+    Raises:
+        InvalidRequestError: unknown feature name, wrong type, non-finite dense value,
+            over-long value; the message names the field (``query.<name>``).
+    """
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError(
+            f"`{field}` must be an object of feature values; got {type(raw).__name__}", field=field
+        )
+    values: dict[str, Any] = {}
+    history: tuple[str, ...] = ()
+    for name, value in raw.items():
+        if name == schema.history_name:
+            history = normalize_history(value, schema, f"{field}.{name}", max_history)
+            continue
+        spec = schema.columns.get(name)
+        if spec is None:
+            raise InvalidRequestError(
+                f"unknown query feature {name!r}; known features: {schema.known}",
+                field=f"{field}.{name}",
+            )
+        checked = _check_value(spec, value, f"{field}.{name}")
+        if checked is not None:
+            values[name] = checked
+    return QueryFeatures(values=values, history=history)
+
+
+def _arrow_type(spec: FeatureSpec) -> pa.DataType:
+    if spec.kind in SCALAR_KINDS:
+        return pa.large_string()
+    if spec.kind in LIST_KINDS:
+        return pa.list_(pa.large_string())
+    return pa.float64()
+
+
+def encode_queries(
+    encoder: FeatureEncoder, schema: QuerySchema, queries: Sequence[QueryFeatures]
+) -> dict[str, torch.Tensor]:
+    """One encoded query-tower batch `{feature: tensor}` for checked queries, row order kept.
+
+    Non-history features go through `FeatureEncoder.encode_users` (the same code the
+    offline evaluation runs on users.parquet); history ids go through the item id
+    vocabulary and fill an int64 ``[B, N]`` matrix, PAD (0) after the last id.
+    """
+    if not queries:
+        raise ValueError("`queries` must hold at least one query")
+    table = pa.table(
+        {
+            column: pa.array([q.values.get(column) for q in queries], type=_arrow_type(spec))
+            for column, spec in schema.columns.items()
+        }
+    )
+    batch = encoder.encode_users(table)
+    if schema.history_name is not None:
+        length = schema.history_length
+        history = np.zeros((len(queries), length), dtype=np.int64)  # (B, N), PAD = 0
+        counts = np.fromiter((len(q.history) for q in queries), dtype=np.int64, count=len(queries))
+        if counts.sum():
+            flat = [item for q in queries for item in q.history]
+            codes = encoder.item_id_vocabulary.lookup(pa.array(flat, type=pa.large_string()))
+            rows = np.repeat(np.arange(len(queries)), counts)
+            cols = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+            history[rows, cols] = codes
+        batch[schema.history_name] = torch.from_numpy(history)
+    return batch

@@ -1,0 +1,142 @@
+"""The service's Redis connection: one pool, short timeouts, bounded retries, a breaker.
+
+Every Redis call goes through `RedisLink.call`. A failed call (connection refused,
+timeout, any Redis error) marks Redis *down* for `down_backoff_s`; while it is down,
+calls fail at once with `RedisUnavailableError` instead of waiting on timeouts again,
+so a dead Redis adds at most one (short, bounded) timeout to one request per backoff
+period. The first call after the period tries Redis again: recovery needs no action.
+
+Callers decide what "down" means for them: the response cache is skipped, a `user_id`
+lookup answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RedisUnavailableError(RuntimeError):
+    """Redis failed or is marked down; the message says which (no secrets: no URL)."""
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for logs.
+
+    >>> redact_url("redis://user:secret@host:6379/0")
+    'redis://user:***@host:6379/0'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def make_client(
+    url: str,
+    *,
+    socket_timeout_s: float,
+    connect_timeout_s: float,
+    retries: int,
+    max_connections: int,
+) -> aioredis.Redis:
+    """An asyncio Redis client over its own bounded pool, with explicit timeouts/retries."""
+    pool = aioredis.ConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
+
+
+class RedisLink:
+    """A Redis client plus the up/down state shared by the feature store and the cache.
+
+    Args:
+        client: the asyncio client (see `make_client`).
+        down_backoff_s: how long Redis is skipped after a failure.
+        on_state: called with True/False when Redis comes up / goes down (metrics).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        down_backoff_s: float = 1.0,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.down_backoff_s = down_backoff_s
+        self._down_until = 0.0
+        self._up: bool | None = None
+        self._on_state = on_state
+        self.last_error: str | None = None
+
+    @property
+    def up(self) -> bool:
+        """False while Redis is in its backoff period after a failure."""
+        return time.monotonic() >= self._down_until
+
+    def _set_state(self, up: bool) -> None:
+        if self._up is up:
+            return
+        self._up = up
+        if up:
+            logger.info("redis is reachable")
+        else:
+            logger.warning("redis unavailable (%s); retrying in %.1fs", self.last_error, self.down_backoff_s)
+        if self._on_state is not None:
+            self._on_state(up)
+
+    def mark_down(self, error: BaseException) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        self._down_until = time.monotonic() + self.down_backoff_s
+        self._set_state(False)
+
+    async def call(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run `command(client)`; raises `RedisUnavailableError` when Redis is down or fails."""
+        if not self.up:
+            raise RedisUnavailableError("redis is unavailable (backing off after a failure)")
+        try:
+            result = await command(self.client)
+        except (RedisError, OSError) as exc:
+            self.mark_down(exc)
+            raise RedisUnavailableError(f"redis command failed: {type(exc).__name__}") from exc
+        self._set_state(True)
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            await self.call(lambda c: c.ping())
+        except RedisUnavailableError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception as exc:  # closing a dead connection may raise; nothing to do
+            logger.debug("closing redis client: %s", exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"up": self.up, "last_error": self.last_error}

@@ -1,0 +1,217 @@
+"""The service's settings: one pydantic-settings class, read from `RETRIEVAL_*` variables.
+
+Every field can be set as an environment variable with the `RETRIEVAL_` prefix
+(``RETRIEVAL_MODEL_DIR``, ``RETRIEVAL_MAX_BATCH_SIZE``...) or passed to the constructor;
+`retrieval serve` passes its command-line flags as constructor arguments, which win over
+the environment. Validators refuse unsafe values (unbounded k or batches, no timeouts,
+a public bind address without an API key, a Redis URL with an unknown scheme).
+
+Example:
+    >>> settings = ServiceSettings(model_dir="m", index_root="i", max_k=100)
+    >>> settings.max_k, settings.host
+    (100, '127.0.0.1')
+    >>> from pydantic import ValidationError
+    >>> try:
+    ...     ServiceSettings(model_dir="m", index_root="i", max_k=5000)
+    ... except ValidationError as exc:
+    ...     print(exc.errors()[0]["loc"], exc.errors()[0]["msg"])
+    ('max_k',) Input should be less than or equal to 2048
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The largest k any deployment may configure (FAISS GPU k-selection caps at 2048 too).
+HARD_MAX_K = 2048
+ENV_PREFIX = "RETRIEVAL_"
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the HTTP service reads at start-up (env prefix `RETRIEVAL_`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    # ------------------------------------------------------------------ artifacts
+    model_dir: Path = Field(description="Model bundle directory (written by `retrieval train`).")
+    index_root: Path = Field(
+        description="Index root (versions/ + CURRENT, written by `retrieval build-index`)."
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        description="Dataset directory for the embedded feature store (no Redis): users' "
+        "features, history and seen items come from its train+valid interactions.",
+    )
+
+    # ------------------------------------------------------------------ network
+    host: str = Field(default="127.0.0.1", description="Bind address.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Bind port.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, /v1/* requires header `X-API-Key` with this value (401 otherwise).",
+    )
+    allow_public_without_api_key: bool = Field(
+        default=False,
+        description="Allow binding a non-loopback address without an API key (refused by default).",
+    )
+
+    # ------------------------------------------------------------------ request limits
+    default_k: int = Field(default=1000, ge=1, le=HARD_MAX_K, description="k when a request omits it.")
+    max_k: int = Field(default=HARD_MAX_K, ge=1, le=HARD_MAX_K, description="Largest k accepted.")
+    max_batch_queries: int = Field(
+        default=64, ge=1, le=1024, description="Most queries in one /v1/retrieve/batch call."
+    )
+    max_exclude_ids: int = Field(
+        default=10_000, ge=0, le=1_000_000, description="Most ids in one `exclude_ids` list."
+    )
+    max_history: int = Field(
+        default=1000, ge=1, le=100_000, description="Most items in an inline `history` list."
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Largest request body; larger ones get 413 before parsing (chunked too).",
+    )
+    max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Retrieval requests admitted at once; more get 429 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, description="Per-request deadline; past it the answer is 504."
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=60, description="Retry-After seconds sent with 429 and 503 answers."
+    )
+
+    # ------------------------------------------------------------------ micro-batching
+    max_batch_size: int = Field(
+        default=64, ge=1, le=4096, description="Most queries per query-tower pass / FAISS search."
+    )
+    max_wait_ms: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="How long a batch waits for more queries after its first one (0 = take "
+        "only what is already queued).",
+    )
+    torch_threads: int = Field(
+        default=1, ge=1, le=256, description="torch intra-op threads of the batch worker."
+    )
+    faiss_threads: int = Field(
+        default=1, ge=1, le=256, description="OpenMP threads of FAISS searches."
+    )
+    query_tower_mode: Literal["auto", "eager", "trace"] = Field(
+        default="auto", description="How the query tower is prepared (`export_query_tower`)."
+    )
+
+    # ------------------------------------------------------------------ index
+    index_poll_s: float = Field(
+        default=1.0, ge=0.05, le=3600, description="How often INDEX_ROOT/CURRENT is checked."
+    )
+    require_model_match: bool = Field(
+        default=True,
+        description="Refuse an index version whose manifest names another model bundle.",
+    )
+
+    # ------------------------------------------------------------------ Redis
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the feature store, the response cache and index announcements "
+        "(redis:// or rediss://). Unset: embedded feature store from `data_dir`, no cache.",
+    )
+    redis_prefix: str = Field(
+        default="retrieval:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every key the service reads or writes.",
+    )
+    redis_socket_timeout_s: float = Field(
+        default=0.05, gt=0, le=5, description="Redis socket read/write timeout."
+    )
+    redis_connect_timeout_s: float = Field(
+        default=0.05, gt=0, le=5, description="Redis connect timeout."
+    )
+    redis_retries: int = Field(
+        default=1, ge=0, le=5, description="Retries of a failed Redis command (backoff between)."
+    )
+    redis_max_connections: int = Field(
+        default=32, ge=1, le=1024, description="Size of the Redis connection pool."
+    )
+    redis_down_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="After a Redis failure, skip Redis for this long (then try again).",
+    )
+    cache_enabled: bool = Field(default=True, description="Cache responses in Redis.")
+    cache_ttl_s: int = Field(default=60, ge=1, le=86_400, description="Response cache TTL.")
+
+    # ------------------------------------------------------------------ lifecycle
+    shutdown_drain_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM: answer /readyz 503 for this long before refusing new "
+        "connections, so a load balancer stops routing first; in-flight requests always finish.",
+    )
+    graceful_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Longest wait for in-flight requests on shutdown."
+    )
+    access_log: bool = Field(default=False, description="uvicorn access log.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlparse(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"`redis_url` must be redis://, rediss:// or unix://; got {scheme!r}")
+        return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if any(c.isspace() or c in "*?[]" for c in value):
+            raise ValueError(f"`redis_prefix` must hold no whitespace or glob characters; got {value!r}")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("`api_key` must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> ServiceSettings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"`default_k` ({self.default_k}) must be <= `max_k` ({self.max_k})")
+        if self.api_key is None and not self.allow_public_without_api_key and not _is_loopback(
+            self.host
+        ):
+            raise ValueError(
+                f"`host` {self.host!r} is not a loopback address: set `api_key` "
+                "(or `allow_public_without_api_key` to serve without one)"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
