@@ -77,7 +77,11 @@ class MicroBatcher(Generic[T, R]):
         on_batch: Callable[[int, float], None] | None = None,
         thread_name: str = "batch-worker",
     ) -> None:
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, int)
+            or max_batch_size < 1
+        ):
             raise ValueError(f"`max_batch_size` must be an int >= 1; got {max_batch_size!r}")
         if not max_wait_s >= 0:
             raise ValueError(f"`max_wait_s` must be >= 0; got {max_wait_s!r}")

@@ -14,6 +14,7 @@ a failed write is dropped, and while `RedisLink` is backing off the cache is ski
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,7 +63,9 @@ class ResponseCache:
         self._writes: set[asyncio.Task[None]] = set()
 
     def key(self, model_version: str, index_version: str, request: dict[str, Any]) -> str:
-        return f"{self.prefix}{CACHE_KEY}{model_version}:{index_version}:{canonical_digest(request)}"
+        return (
+            f"{self.prefix}{CACHE_KEY}{model_version}:{index_version}:{canonical_digest(request)}"
+        )
 
     async def get(self, key: str) -> dict[str, Any] | None:
         if not self.link.up:
@@ -91,10 +94,8 @@ class ResponseCache:
         payload = json.dumps(value, separators=(",", ":"))
 
         async def write() -> None:
-            try:
+            with contextlib.suppress(RedisUnavailableError):
                 await self.link.call(lambda client: client.set(key, payload, ex=self.ttl_s))
-            except RedisUnavailableError:
-                pass
 
         task = asyncio.get_running_loop().create_task(write())
         self._writes.add(task)

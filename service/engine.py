@@ -152,7 +152,9 @@ class RetrievalEngine:
             raw = dict(record.features)
             if self.schema.history_name is not None:
                 raw[self.schema.history_name] = list(record.history)
-            features = normalize_query(raw, self.schema, field=f"feature store record of {request.user_id!r}")
+            features = normalize_query(
+                raw, self.schema, field=f"feature store record of {request.user_id!r}"
+            )
         exclude = set(request.exclude_ids)
         if request.exclude_seen and record is not None:
             exclude.update(record.seen)
@@ -180,12 +182,17 @@ class RetrievalEngine:
         """The answer of one prepared query and whether it came from the cache."""
         key = None
         if self.cache is not None:
-            key = self.cache.key(self.model_version, self._serving_version(), prepared.cache_request)
+            key = self.cache.key(
+                self.model_version, self._serving_version(), prepared.cache_request
+            )
             cached = await self.cache.get(key)
-            if cached is not None:
-                version = key.split(":")[-2]
+            if cached is not None and {"ids", "scores", "index_version"} <= cached.keys():
                 return (
-                    RetrievalResult(ids=cached["ids"], scores=cached["scores"], index_version=version),
+                    RetrievalResult(
+                        ids=cached["ids"],
+                        scores=cached["scores"],
+                        index_version=str(cached["index_version"]),
+                    ),
                     True,
                 )
         try:
@@ -199,7 +206,10 @@ class RetrievalEngine:
             raise
         if self.cache is not None:
             key = self.cache.key(self.model_version, result.index_version, prepared.cache_request)
-            self.cache.put(key, {"ids": result.ids, "scores": result.scores})
+            self.cache.put(
+                key,
+                {"ids": result.ids, "scores": result.scores, "index_version": result.index_version},
+            )
         return result, False
 
     async def execute_many(

@@ -164,7 +164,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         if exc.status_code >= 500:
-            logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc)
+            logger.warning(
+                "%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc
+            )
         return error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
@@ -175,7 +177,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         error = ServiceError(str(exc.detail))
         error.status_code = exc.status_code
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:

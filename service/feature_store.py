@@ -232,4 +232,3 @@ def push_features(
     }
     client.set(f"{prefix}{META_KEY}", json.dumps(meta))
     return meta
-

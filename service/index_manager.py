@@ -205,7 +205,9 @@ class IndexManager:
                     if message is None or message.get("type") != "message":
                         continue
                     data = message.get("data")
-                    announced = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                    announced = (
+                        data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                    )
                     logger.info("index announcement on %s: %s", channel, announced[:128])
                     await self.check_current()
             except asyncio.CancelledError:

@@ -53,7 +53,10 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "retrieval_http_requests", "HTTP requests answered.", ["route", "method", "status"], registry=r
+            "retrieval_http_requests",
+            "HTTP requests answered.",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "retrieval_http_request_duration_seconds",
@@ -71,7 +74,9 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("retrieval_queue_depth", "Queries waiting for a batch.", registry=r)
+        self.queue_depth = Gauge(
+            "retrieval_queue_depth", "Queries waiting for a batch.", registry=r
+        )
         self.in_flight = Gauge(
             "retrieval_in_flight_requests", "Retrieval requests admitted now.", registry=r
         )
@@ -79,7 +84,10 @@ class ServiceMetrics:
             "retrieval_rejected", "Requests refused or cut short.", ["reason"], registry=r
         )
         self.index_version = Gauge(
-            "retrieval_index_version_info", "The index version serving (value 1).", ["version"], registry=r
+            "retrieval_index_version_info",
+            "The index version serving (value 1).",
+            ["version"],
+            registry=r,
         )
         self.index_items = Gauge("retrieval_index_items", "Items in the serving index.", registry=r)
         self.swaps = Counter(

@@ -37,7 +37,9 @@ class AdmissionLimiter:
     0
     """
 
-    def __init__(self, limit: int, retry_after_s: int, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self, limit: int, retry_after_s: int, metrics: ServiceMetrics | None = None
+    ) -> None:
         if limit < 1:
             raise ValueError(f"`limit` must be >= 1; got {limit}")
         self.limit = limit

@@ -97,7 +97,7 @@ class QuerySchema:
 
     def describe(self) -> dict[str, Any]:
         """The query schema as JSON (for /v1/info)."""
-        features = {
+        features: dict[str, Any] = {
             column: {"kind": str(spec.kind), "feature": spec.name}
             for column, spec in self.columns.items()
         }

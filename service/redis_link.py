@@ -104,7 +104,9 @@ class RedisLink:
         if up:
             logger.info("redis is reachable")
         else:
-            logger.warning("redis unavailable (%s); retrying in %.1fs", self.last_error, self.down_backoff_s)
+            logger.warning(
+                "redis unavailable (%s); retrying in %.1fs", self.last_error, self.down_backoff_s
+            )
         if self._on_state is not None:
             self._on_state(up)
 

@@ -130,10 +130,12 @@ class Retriever:
         if not job.exclude:
             valid_rows = rows[valid][: job.k]
             ids = index.item_ids.take(pa.array(valid_rows)).to_pylist()
-            kept_scores = np.round(scores[valid][: job.k], SCORE_DECIMALS).tolist()
+            kept_scores = np.round(
+                scores[valid][: job.k].astype(np.float64), SCORE_DECIMALS
+            ).tolist()
             return RetrievalResult(ids=ids, scores=kept_scores, index_version=index.version)
         candidates = index.item_ids.take(pa.array(rows[valid])).to_pylist()
-        candidate_scores = scores[valid]
+        candidate_scores = scores[valid].astype(np.float64)
         keep = [i for i, item in enumerate(candidates) if item not in job.exclude][: job.k]
         return RetrievalResult(
             ids=[candidates[i] for i in keep],

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.settings import HARD_MAX_K
 
-QUERY_EXAMPLE = {
+QUERY_EXAMPLE: dict[str, Any] = {
     "user_id": "196",
     "age_bucket": "45-49",
     "gender": "M",

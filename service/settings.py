@@ -64,7 +64,9 @@ class ServiceSettings(BaseSettings):
     )
 
     # ------------------------------------------------------------------ request limits
-    default_k: int = Field(default=1000, ge=1, le=HARD_MAX_K, description="k when a request omits it.")
+    default_k: int = Field(
+        default=1000, ge=1, le=HARD_MAX_K, description="k when a request omits it."
+    )
     max_k: int = Field(default=HARD_MAX_K, ge=1, le=HARD_MAX_K, description="Largest k accepted.")
     max_batch_queries: int = Field(
         default=64, ge=1, le=1024, description="Most queries in one /v1/retrieve/batch call."
@@ -184,7 +186,9 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _check_prefix(cls, value: str) -> str:
         if any(c.isspace() or c in "*?[]" for c in value):
-            raise ValueError(f"`redis_prefix` must hold no whitespace or glob characters; got {value!r}")
+            raise ValueError(
+                f"`redis_prefix` must hold no whitespace or glob characters; got {value!r}"
+            )
         return value
 
     @field_validator("api_key")
@@ -198,8 +202,10 @@ class ServiceSettings(BaseSettings):
     def _check_combination(self) -> ServiceSettings:
         if self.default_k > self.max_k:
             raise ValueError(f"`default_k` ({self.default_k}) must be <= `max_k` ({self.max_k})")
-        if self.api_key is None and not self.allow_public_without_api_key and not _is_loopback(
-            self.host
+        if (
+            self.api_key is None
+            and not self.allow_public_without_api_key
+            and not _is_loopback(self.host)
         ):
             raise ValueError(
                 f"`host` {self.host!r} is not a loopback address: set `api_key` "

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_train_config
+from tiny_data import tiny_train_config
 
 from retrieval.cli import main
 from retrieval.encoders import FeatureEncoder

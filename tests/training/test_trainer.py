@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_config
+from tiny_data import tiny_train_config
 
 from retrieval import bundle as bundle_module
 from retrieval.bundle import BundleError, load_bundle, verify_bundle

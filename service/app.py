@@ -1,0 +1,273 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and its middlewares.
+
+The lifespan loads everything once, before the first request is accepted:
+
+1. the model bundle (checksums verified) and its query tower, exported for serving
+   (`export_query_tower`; a traced tower is compared with the eager one first);
+2. the index version CURRENT names, checked against the model (`IndexManager`);
+3. the feature store: Redis when `redis_url` is set (plus the response cache and the
+   subscription to the index job's announcements), else the embedded store built from
+   `data_dir` (train+valid interactions), else none (`user_id` queries refused);
+4. the micro-batcher's worker, one warm-up batch, and the CURRENT watcher.
+
+On shutdown (after the server has stopped taking connections and in-flight requests
+have finished), readiness is already off; the watchers stop, the batcher drains its
+queue, pending cache writes are flushed and Redis is closed.
+
+Usage::
+
+    app = create_app(ServiceSettings(model_dir="artifacts/model", index_root="artifacts/index"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)      # what `retrieval serve` does
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from retrieval.bundle import ModelBundle, load_bundle
+from retrieval.index_store import PUBLISH_CHANNEL
+from retrieval.towers import export_query_tower
+from service.batcher import MicroBatcher
+from service.cache import ResponseCache
+from service.dependencies import Services
+from service.engine import RetrievalEngine
+from service.errors import install_error_handlers
+from service.feature_store import FeatureStore, InProcessFeatureStore, RedisFeatureStore
+from service.index_manager import IndexManager
+from service.metrics import ServiceMetrics
+from service.middleware import AdmissionLimiter, BodySizeLimitMiddleware, MetricsMiddleware
+from service.query import QueryFeatures, QuerySchema, encode_queries
+from service.redis_link import RedisLink, make_client, redact_url
+from service.retriever import RetrievalJob, Retriever
+from service.routes import health, info, retrieve
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1"
+_TRACE_TOLERANCE = 1e-4  # max |traced - eager| accepted for the exported query tower
+
+
+def export_checked_query_tower(
+    bundle: ModelBundle, schema: QuerySchema, mode: str
+) -> tuple[Callable[[Mapping[str, torch.Tensor]], torch.Tensor], str]:
+    """The query tower prepared for serving, and the mode actually used.
+
+    A traced tower is compared with the eager tower on a batch of real-shaped queries;
+    on any disagreement (or a failed trace) the eager tower is used.
+    """
+    example = encode_queries(bundle.encoder, schema, [QueryFeatures({})] * 4)
+    if mode == "eager":
+        return export_query_tower(bundle.model, "eager"), "eager"
+    try:
+        exported = export_query_tower(bundle.model, mode, example_batch=example)  # type: ignore[arg-type]
+        probe = encode_queries(
+            bundle.encoder,
+            schema,
+            [QueryFeatures({}, history=tuple(bundle.encoder.item_ids[:3].to_pylist()))] * 3,
+        )
+        with torch.inference_mode():
+            eager = bundle.model.query_tower(probe)
+            traced = exported(probe)
+        if eager.shape != traced.shape or float((eager - traced).abs().max()) > _TRACE_TOLERANCE:
+            raise RuntimeError("the exported query tower disagrees with the eager one")
+        return exported, exported.mode
+    except Exception as exc:
+        logger.warning("query tower export %r failed (%s); serving the eager tower", mode, exc)
+        return export_query_tower(bundle.model, "eager"), "eager"
+
+
+def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, Any]:
+    """The slow, blocking part of start-up (runs on a thread)."""
+    started = time.perf_counter()
+    bundle = load_bundle(settings.model_dir)
+    schema = QuerySchema.from_schema(bundle.encoder.schema)
+    embed, mode = export_checked_query_tower(bundle, schema, settings.query_tower_mode)
+    manager = IndexManager(
+        settings.index_root,
+        model_dim=bundle.model.output_dim,
+        model_checksum=bundle.checksum,
+        require_model_match=settings.require_model_match,
+        on_swap=lambda ok, version, items: _on_swap(metrics, ok, version, items),
+    )
+    manager.load_initial()
+    store: FeatureStore | None = None
+    if settings.redis_url is None and settings.data_dir is not None:
+        store = InProcessFeatureStore.from_dataset(
+            settings.data_dir, list(schema.columns), schema.history_length
+        )
+    retriever = Retriever(bundle.encoder, schema, embed, lambda: manager.current)
+    # Warm-up: builds the lazy id lookups and touches the index before the first request.
+    warm = retriever.run_batch([RetrievalJob(features=QueryFeatures({}), k=10)])
+    if isinstance(warm[0], BaseException):
+        raise warm[0]
+    logger.info(
+        "model %s (query tower %s) and index %s loaded in %.2fs",
+        bundle.version,
+        mode,
+        manager.current.version if manager.current else None,
+        time.perf_counter() - started,
+    )
+    return {
+        "bundle": bundle,
+        "schema": schema,
+        "mode": mode,
+        "manager": manager,
+        "store": store,
+        "retriever": retriever,
+    }
+
+
+def _on_swap(metrics: ServiceMetrics, ok: bool, version: str, num_items: int) -> None:
+    metrics.swaps.labels(result="ok" if ok else "failed").inc()
+    if ok:
+        metrics.set_index_version(version, num_items)
+
+
+async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> Services:
+    """Load model, index and feature store; start the batcher and the watchers."""
+    loaded = await asyncio.to_thread(_load_blocking, settings, metrics)
+    bundle: ModelBundle = loaded["bundle"]
+    manager: IndexManager = loaded["manager"]
+    retriever: Retriever = loaded["retriever"]
+    metrics.set_model_version(bundle.version)
+
+    link: RedisLink | None = None
+    store: FeatureStore | None = loaded["store"]
+    cache: ResponseCache | None = None
+    if settings.redis_url is not None:
+        client = make_client(
+            settings.redis_url,
+            socket_timeout_s=settings.redis_socket_timeout_s,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            retries=settings.redis_retries,
+            max_connections=settings.redis_max_connections,
+        )
+        link = RedisLink(
+            client,
+            down_backoff_s=settings.redis_down_backoff_s,
+            on_state=lambda up: metrics.redis_up.set(1 if up else 0),
+        )
+        if not await link.ping():
+            logger.warning(
+                "redis at %s is not reachable at start-up; `user_id` queries answer 503 "
+                "until it is",
+                redact_url(settings.redis_url),
+            )
+        store = RedisFeatureStore(link, settings.redis_prefix)
+        if settings.cache_enabled:
+            cache = ResponseCache(
+                link, settings.redis_prefix, settings.cache_ttl_s, observe=metrics.observe_cache
+            )
+
+    batcher = MicroBatcher(
+        retriever.run_batch,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        on_batch=metrics.observe_batch,
+    )
+    batcher.start()
+    metrics.queue_depth.set_function(lambda: batcher.queue_depth)
+    engine = RetrievalEngine(
+        settings,
+        model_version=bundle.version,
+        schema=loaded["schema"],
+        batcher=batcher,
+        index_manager=manager,
+        feature_store=store,
+        cache=cache,
+        metrics=metrics,
+    )
+    services = Services(
+        settings=settings,
+        metrics=metrics,
+        bundle=bundle,
+        schema=loaded["schema"],
+        retriever=retriever,
+        index_manager=manager,
+        batcher=batcher,
+        engine=engine,
+        limiter=AdmissionLimiter(settings.max_in_flight, settings.retry_after_s, metrics),
+        feature_store=store,
+        redis=link,
+        cache=cache,
+        query_tower_mode=loaded["mode"],
+    )
+    loop = asyncio.get_running_loop()
+    services.tasks.append(
+        loop.create_task(manager.watch_current(settings.index_poll_s), name="watch-current")
+    )
+    if settings.redis_url is not None:
+        subscriber = make_client(
+            settings.redis_url,
+            socket_timeout_s=max(settings.redis_socket_timeout_s, 5.0),
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            retries=0,
+            max_connections=2,
+        )
+        services.tasks.append(
+            loop.create_task(manager.watch_redis(subscriber, PUBLISH_CHANNEL), name="watch-redis")
+        )
+        services.closers.append(subscriber.aclose)
+    return services
+
+
+async def stop_services(services: Services) -> None:
+    """Readiness off, watchers stopped, queue drained, Redis closed."""
+    services.draining = True
+    for task in services.tasks:
+        task.cancel()
+    for task in services.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await services.batcher.stop(drain=True)
+    if services.cache is not None:
+        await services.cache.flush()
+    if services.feature_store is not None:
+        await services.feature_store.close()
+    if services.redis is not None:
+        await services.redis.close()
+    for close in services.closers:
+        with contextlib.suppress(Exception):
+            await close()
+    logger.info("service stopped")
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The application; model and index load in its lifespan (see the module docstring)."""
+    metrics = ServiceMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await start_services(settings, metrics)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await stop_services(services)
+
+    app = FastAPI(
+        title="Two-tower retrieval",
+        version=API_VERSION,
+        description="Top-k candidate retrieval: a two-tower query embedding searched in a "
+        'FAISS index of the catalog. Errors are `{"error": {"code", "message", '
+        '"field"}}`.',
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(retrieve.router)
+    app.include_router(info.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    return app

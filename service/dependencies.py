@@ -1,0 +1,89 @@
+"""Shared objects of the running service, handed to routes through `Depends`.
+
+Tests replace any of these with ``app.dependency_overrides[get_engine] = ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from retrieval.bundle import ModelBundle
+from service.batcher import MicroBatcher
+from service.cache import ResponseCache
+from service.engine import RetrievalEngine
+from service.errors import NotReadyError, UnauthorizedError
+from service.feature_store import FeatureStore
+from service.index_manager import IndexManager
+from service.metrics import ServiceMetrics
+from service.middleware import AdmissionLimiter
+from service.query import QuerySchema
+from service.redis_link import RedisLink
+from service.retriever import RetrievalJob, RetrievalResult, Retriever
+from service.settings import ServiceSettings
+
+
+@dataclass
+class Services:
+    """Everything the lifespan loads once and the routes share."""
+
+    settings: ServiceSettings
+    metrics: ServiceMetrics
+    bundle: ModelBundle
+    schema: QuerySchema
+    retriever: Retriever
+    index_manager: IndexManager
+    batcher: MicroBatcher[RetrievalJob, RetrievalResult]
+    engine: RetrievalEngine
+    limiter: AdmissionLimiter
+    feature_store: FeatureStore | None
+    redis: RedisLink | None
+    cache: ResponseCache | None
+    query_tower_mode: str
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.index_manager.current is not None and self.batcher.running
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    settings: ServiceSettings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
+def get_services(request: Request) -> Services:
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is None:
+        raise NotReadyError("the model and index are not loaded yet", retry_after_s=1)
+    return services
+
+
+def get_engine(request: Request) -> RetrievalEngine:
+    return get_services(request).engine
+
+
+def get_limiter(request: Request) -> AdmissionLimiter:
+    return get_services(request).limiter
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless `X-API-Key` matches the configured key (constant-time comparison)."""
+    expected = get_settings(request).api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise UnauthorizedError("missing or invalid API key")

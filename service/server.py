@@ -1,0 +1,72 @@
+"""Running the app under uvicorn with a graceful shutdown whose first step is readiness.
+
+On SIGTERM/SIGINT, `ServiceServer` marks the service as draining (``/readyz`` answers
+503 at once), keeps serving for `shutdown_drain_s` so load balancers stop routing to it,
+then lets uvicorn stop: it closes the listening socket, waits up to `graceful_timeout_s`
+for in-flight requests to finish, and runs the lifespan shutdown (which drains the
+micro-batch queue). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn's server with readiness-first shutdown (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_s = drain_s
+        self._signalled = False
+
+    def mark_draining(self) -> None:
+        services = getattr(self.app.state, "services", None)
+        if services is not None:
+            services.draining = True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled or self.drain_s <= 0:
+            self.mark_draining()
+            super().handle_exit(sig, frame)
+            return
+        self._signalled = True
+        self.mark_draining()
+        logger.info("signal %s: not ready; draining for %.1fs before stopping", sig, self.drain_s)
+        timer = threading.Timer(self.drain_s, super().handle_exit, args=(sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def uvicorn_config(app: FastAPI, settings: ServiceSettings, **overrides: Any) -> uvicorn.Config:
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": round(settings.graceful_timeout_s),
+        "lifespan": "on",
+        "log_config": None,  # keep the CLI's logging setup
+        "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Build the app and run it until a signal stops it."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
+    server.run()

@@ -1,0 +1,199 @@
+"""Helpers of the service tests: index versions for the tiny bundle, a live uvicorn server on
+loopback, a private redis-server process, and Redis key clean-up."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import redis
+import uvicorn
+
+from retrieval.bundle import load_bundle
+from retrieval.index_store import (
+    CURRENT_FILE,
+    INDEX_FILE,
+    load_index_version,
+    reconstruct_all,
+    version_path,
+    write_index_version,
+)
+from service.app import create_app
+from service.server import ServiceServer, uvicorn_config
+from service.settings import ServiceSettings
+
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+WAIT_S = 20.0  # upper bound of every wait loop in these tests
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Any, timeout_s: float = WAIT_S, interval_s: float = 0.02) -> bool:
+    """Poll `condition()` until true or `timeout_s` passes (always bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return bool(condition())
+
+
+# --------------------------------------------------------------------------- index versions
+
+
+def build_flat_index(model_dir: Path, data_dir: Path, root: Path) -> str:
+    """A Flat index version of the tiny catalog through the index job; returns its name."""
+    from index.build import BuildOptions, build_index
+
+    options = BuildOptions(factory="Flat", progress=False, recall_queries=64, keep=20, threads=1)
+    return build_index(model_dir, data_dir, root, options).version
+
+
+def write_subset_version(root: Path, name: str, model_dir: Path, keep_every: int = 2) -> str:
+    """A version holding every `keep_every`-th item of CURRENT (different answers, same model)."""
+    source = load_index_version(root)
+    vectors = reconstruct_all(source.index)
+    rows = np.arange(0, source.num_items, keep_every)
+    bundle = load_bundle(model_dir)
+    write_index_version(
+        root,
+        name,
+        faiss.IndexFlatIP(source.dim),
+        vectors[rows],
+        source.item_ids.take(pa.array(rows)),
+        factory="Flat",
+        manifest_extra={"model": {"checksum": bundle.checksum, "model_version": bundle.version}},
+    )
+    return name
+
+
+def corrupt_copy(root: Path, source: str, name: str) -> str:
+    """Copy version `source` to `name` with a manifest naming it, then flip a byte of its index."""
+    import json
+
+    src = version_path(root, source)
+    dst = version_path(root, name)
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = name
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    data = bytearray((dst / INDEX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dst / INDEX_FILE).write_bytes(bytes(data))
+    return name
+
+
+def set_current(root: Path, name: str) -> None:
+    tmp = root / f".tmp-current-{uuid.uuid4().hex}"
+    tmp.write_text(name + "\n")
+    tmp.replace(root / CURRENT_FILE)
+
+
+# --------------------------------------------------------------------------- live server
+
+
+class LiveServer:
+    """The real app under a real uvicorn on 127.0.0.1:<free port>, in a thread."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        config = uvicorn_config(self.app, settings, log_level="warning")
+        self.server = ServiceServer(config, self.app, settings.shutdown_drain_s)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        if not wait_until(lambda: self.server.started or not self.thread.is_alive(), 60):
+            raise RuntimeError("uvicorn did not start")
+        if not self.server.started:
+            raise RuntimeError("uvicorn failed to start (see the log)")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=WAIT_S)
+
+
+@contextlib.contextmanager
+def live_server(settings: ServiceSettings) -> Iterator[LiveServer]:
+    server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- redis
+
+
+class RedisProcess:
+    """A private `redis-server` (no persistence) on a fixed port, killable and restartable."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+
+        def pings() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        ok = wait_until(pings, 10)
+        client.close()
+        if not ok:
+            self.kill()
+            raise RuntimeError(f"redis-server did not start on port {self.port}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start : start + 500])
