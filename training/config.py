@@ -73,7 +73,7 @@ class EvalSection:
     metric: str = "recall@50"  # model selection / early stopping metric on valid
     patience: int = 3  # epochs without improvement before stopping
     every_epochs: int = 1  # validate every N epochs
-    max_users: int = 0  # 0 = all users; else a fixed random sample (large datasets)
+    max_users: int = 0  # 0 = all users; else a fixed random sample (valid and test; big data)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))

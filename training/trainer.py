@@ -549,7 +549,12 @@ def train(
     if rank == 0:
         with stage("test evaluation"):
             test_queries = build_eval_queries(
-                data.encoder, data.dataset, "test", user_features=data.user_features
+                data.encoder,
+                data.dataset,
+                "test",
+                max_users=config.eval.max_users,
+                seed=config.seed,
+                user_features=data.user_features,
             )
             test_ks = tuple(sorted(set(ks) | {10, 20, 50, 100}))
             result_metrics["test"] = evaluate(model, data, test_queries, test_ks)
