@@ -4,18 +4,24 @@ Usage::
 
     retrieval demo --out artifacts/demo          # what `make demo` runs
     retrieval demo --out artifacts/demo --fresh  # redo every stage
+    retrieval demo --out artifacts/demo --serve  # leave the service running afterwards
 
 Stages, each through the same CLI a user would type, so the demo exercises exactly the
 public commands: prepare the data -> train the default parallel model (test recall next
-to popularity) -> build and publish the FAISS index -> offline evaluation with baselines
-through the index -> start the HTTP service on loopback and ask it for one user's top-k.
-Artifacts that already exist are reused unless `--fresh`.
+to popularity) -> build and publish the FAISS index -> offline evaluation with baselines,
+exact and through the index -> start the HTTP service on loopback and ask it for one
+user's top-1000. Artifacts that already exist are reused unless `--fresh`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,40 +43,89 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    data, model = out / "data", out / "model"
+    data, model, index = out / "data", out / "model", out / "index"
     start = time.perf_counter()
     if not (data / "schema.json").exists():
         _run(["data", "prepare", "ml-100k", "--out", str(data)])
     else:
         _run(["data", "summary", str(data)])
     if not (model / "manifest.json").exists():
-        _run(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--out",
-                str(model),
-                "--config",
-                str(args.config),
-                "--overwrite",
-            ]
-        )
+        _run(["train", "--data", str(data), "--out", str(model), "--config", str(args.config),
+              "--overwrite", "--no-progress"])  # fmt: skip
+    if not (index / "CURRENT").exists():
+        _run(["build-index", "--model", str(model), "--data", str(data), "--out", str(index),
+              "--no-progress"])  # fmt: skip
+    _run(["evaluate", "--model", str(model), "--data", str(data), "--index", str(index),
+          "--k", "10,20,50,100,1000", "--json", str(out / "evaluation.json"),
+          "--no-progress"])  # fmt: skip
+    if not args.no_serve:
+        serve_and_query(model, index, data, user_id=args.user, port=args.port, keep=args.serve)
     print(f"\ndemo finished in {time.perf_counter() - start:.1f}s; artifacts in {out}")
     return 0
+
+
+def serve_and_query(
+    model: Path, index: Path, data: Path, *, user_id: str, port: int, keep: bool
+) -> None:
+    """Start the real service on loopback, ask it for one user's candidates, print them."""
+    import httpx
+    import pyarrow.parquet as pq
+
+    cmd = [sys.executable, "-m", "retrieval", "serve", "--model", str(model), "--index",
+           str(index), "--data", str(data), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    print(f"\n$ retrieval {' '.join(cmd[3:])}", flush=True)
+    server = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"demo: the service exited with status {server.returncode}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("demo: the service did not become ready within 120 s")
+            time.sleep(0.5)
+        body = {"user_id": user_id, "k": 1000, "exclude_seen": True}
+        print(f"\n$ curl -s -X POST {base}/v1/retrieve -d '{json.dumps(body)}'", flush=True)
+        reply = httpx.post(f"{base}/v1/retrieve", json=body, timeout=30).raise_for_status().json()
+        table = pq.read_table(data / "items.parquet", columns=["item_id", "title"]).to_pydict()
+        titles = dict(zip(table["item_id"], table["title"], strict=True))
+        print(
+            f"user {user_id}: {len(reply['ids'])} candidates in {reply['took_ms']:.1f} ms "
+            f"(model {reply['model_version']}, index {reply['index_version']}); top 10:"
+        )
+        top = zip(reply["ids"][:10], reply["scores"][:10], strict=True)
+        for rank, (item, score) in enumerate(top, 1):
+            print(f"  {rank:>2}. {score:+.3f}  {item:>5}  {titles.get(item, '')}")
+        if keep:
+            print(f"\nserving on {base} (docs at {base}/docs); Ctrl-C to stop", flush=True)
+            server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the whole pipeline on MovieLens-100K (what `make demo` runs)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Prepare ml-100k, train, build the index, evaluate, serve one query.",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("artifacts/demo"), help="artifact directory"
-    )
+    parser.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="artifacts")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")
-    parser.add_argument(
-        "--fresh", action="store_true", help="delete the artifacts and redo every stage"
-    )
+    parser.add_argument("--fresh", action="store_true", help="delete artifacts, redo every stage")
+    parser.add_argument("--user", default="196", help="user the demo asks the service about")
+    parser.add_argument("--port", type=int, default=8765, help="loopback port of the service")
+    parser.add_argument("--serve", action="store_true", help="keep serving after the query")
+    parser.add_argument("--no-serve", action="store_true", help="skip the service stage")
     parser.set_defaults(func=run_demo)
