@@ -223,15 +223,17 @@ def popularity_top_k(
     exclude: ItemSetsLike | None = None,
     *,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
-    item_chunk_size: int = DEFAULT_ITEM_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """Popularity baseline: every query scores item j by its train count; the same
     exclusion, tie-breaking (lower row first) and padding as `exact_top_k`.
 
+    The order is global, so it is sorted once; each query then walks the first
+    ``k + max |exclude|`` items of it: O(N log N + Q (k + max |exclude|)), no Q x N scores.
+
     Args:
         item_counts: ``[N]`` non-negative train interaction counts per item row.
         num_queries: Q, the number of rankings to produce.
-        k, exclude, query_chunk_size, item_chunk_size: as in `exact_top_k`.
+        k, exclude, query_chunk_size: as in `exact_top_k`.
 
     Returns:
         ``(scores [Q, k], indices [Q, k])`` with the counts as scores (float64).
@@ -247,21 +249,41 @@ def popularity_top_k(
         raise ValueError("`item_counts` must be finite and non-negative")
     if num_queries < 0:
         raise ValueError(f"`num_queries` must be >= 0; got {num_queries}")
-
-    def score_block(q0: int, q1: int, i0: int, i1: int) -> Tensor:
-        return counts[i0:i1].expand(q1 - q0, i1 - i0).clone()  # (q, n), writable
-
-    return _chunked_top_k(
-        score_block,
-        num_queries=num_queries,
-        num_items=len(counts),
-        k=k,
-        exclude=exclude,
-        query_chunk_size=query_chunk_size,
-        item_chunk_size=item_chunk_size,
-        dtype=counts.dtype,
-        device=counts.device,
-    )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an int >= 1; got {k!r}")
+    if query_chunk_size < 1:
+        raise ValueError(f"`query_chunk_size` must be >= 1; got {query_chunk_size}")
+    num_items = len(counts)
+    excluded = None if exclude is None else _as_item_sets("exclude", exclude, num_queries)
+    if excluded is not None and len(excluded.indices) and int(excluded.indices.max()) >= num_items:
+        raise ValueError(
+            f"`exclude` holds item row {int(excluded.indices.max())}; the catalog has {num_items}"
+        )
+    # Every query ranks the same global order (count desc, lower row first); a query loses
+    # at most its own exclusions, so the first k + max|exclude| items always suffice.
+    order = torch.sort(counts, descending=True, stable=True).indices  # (N,)
+    max_excluded = int(excluded.sizes().max()) if excluded is not None and num_queries else 0
+    num_candidates = min(num_items, k + max_excluded)
+    candidates = order[:num_candidates]  # (M,)
+    position = torch.full((num_items,), -1, dtype=torch.int64)
+    position[candidates] = torch.arange(num_candidates)
+    all_scores = torch.full((num_queries, k), float("-inf"), dtype=torch.float64)
+    all_indices = torch.full((num_queries, k), -1, dtype=torch.int64)
+    for q0 in range(0, num_queries, query_chunk_size):
+        q1 = min(q0 + query_chunk_size, num_queries)
+        keep = torch.ones((q1 - q0, num_candidates), dtype=torch.bool)  # (q, M)
+        if excluded is not None:
+            start, end = int(excluded.indptr[q0]), int(excluded.indptr[q1])
+            ex_pos = position[excluded.indices[start:end]]  # (e,)
+            ex_rows = torch.repeat_interleave(torch.arange(q1 - q0), excluded.sizes()[q0:q1])
+            hit = ex_pos >= 0
+            keep[ex_rows[hit], ex_pos[hit]] = False
+        rank = keep.cumsum(dim=1)  # (q, M): 1-based rank among the kept candidates
+        rows, cols = (keep & (rank <= k)).nonzero(as_tuple=True)
+        slots = rank[rows, cols] - 1
+        all_indices[q0 + rows, slots] = candidates[cols]
+        all_scores[q0 + rows, slots] = counts[candidates[cols]]
+    return all_scores, all_indices
 
 
 def _chunked_top_k(

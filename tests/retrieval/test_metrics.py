@@ -190,9 +190,7 @@ def test_ranking_metrics_validate_inputs() -> None:
 def test_popularity_baseline_uses_the_same_exclusion_and_tie_breaking() -> None:
     counts = torch.tensor([5, 9, 5, 1, 0, 9])
     exclude = [[1], [], [0, 1, 2, 3, 4, 5]]
-    scores, ranking = popularity_top_k(
-        counts, num_queries=3, k=4, exclude=exclude, item_chunk_size=4
-    )
+    scores, ranking = popularity_top_k(counts, num_queries=3, k=4, exclude=exclude)
     # Counts tie 1 = 5 (9) and 0 = 2 (5): lower rows first; user 2 has every item excluded.
     assert ranking.tolist() == [[5, 0, 2, 3], [1, 5, 0, 2], [-1, -1, -1, -1]]
     assert scores[0].tolist() == [9.0, 5.0, 5.0, 1.0]
@@ -201,3 +199,28 @@ def test_popularity_baseline_uses_the_same_exclusion_and_tie_breaking() -> None:
         torch.ones(3, 1, dtype=torch.float64), counts[:, None].double(), 4, exclude
     )
     assert torch.equal(ranking, exact)
+
+
+def test_popularity_top_k_equals_a_stable_sort_with_exclusions() -> None:
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 6, (200,), generator=generator)  # many ties
+    exclude = [
+        torch.randperm(200, generator=generator)[: int(n)]
+        for n in torch.randint(0, 60, (37,), generator=generator)
+    ]
+    for k in (1, 7, 150, 250):
+        scores, ranking = popularity_top_k(
+            counts, num_queries=37, k=k, exclude=exclude, query_chunk_size=5
+        )
+        for q in range(37):
+            allowed = torch.ones(200, dtype=torch.bool)
+            allowed[exclude[q]] = False
+            rows = torch.arange(200)[allowed]
+            expected = rows[
+                torch.sort(counts[allowed].double(), descending=True, stable=True).indices
+            ][:k]
+            got = ranking[q][ranking[q] >= 0]
+            assert got.tolist() == expected.tolist()
+            assert (ranking[q][len(expected) :] == -1).all()
+            assert torch.isneginf(scores[q][len(expected) :]).all()
+            assert scores[q][: len(expected)].tolist() == counts[expected].double().tolist()
