@@ -46,7 +46,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--recall-k", type=int, default=1000, help="k of the recall check")
     parser.add_argument(
-        "--recall-queries", type=int, default=1000, help="real queries for tuning + the gate"
+        "--recall-queries", type=int, default=500, help="real queries: half tune, half gate"
     )
     parser.add_argument("--force", action="store_true", help="publish even below the floor")
     parser.add_argument("--redis-url", help="announce the version on this Redis (optional)")

@@ -48,7 +48,7 @@ COMPRESSED_MIN_ITEMS = 5_000_000  # scalar-quantized lists above this size
 TRAIN_POINTS_PER_LIST = 40  # k-means sample per coarse centroid (faiss warns below 39)
 MIN_TRAIN_POINTS = 20_000  # PQ / SQ training needs a few thousand vectors at least
 ADD_CHUNK_ROWS = 65_536  # vectors added per `index.add` call (bounded extra memory)
-EXACT_BLOCK_ROWS = 262_144  # catalog rows scored per block in exact search
+EXACT_BLOCK_ROWS = 65_536  # catalog rows scored per block in exact search (Q x block floats)
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -139,6 +139,127 @@ def _to_gpu(index: faiss.Index) -> tuple[Any, Any] | None:
         return None
 
 
+# IVF indexes whose coarse quantizer is a flat index are trained and filled with torch:
+# this faiss-cpu wheel's BLAS runs k-means and list assignment ~5x slower than torch's on
+# the 2-core development machine (bench/bench_index.py). The result is an ordinary FAISS
+# index: the same centroids in its quantizer, each vector in the list of its nearest one.
+TORCH_IVF_TYPES = ("IndexIVFFlat", "IndexIVFScalarQuantizer", "IndexIVFPQ")
+KMEANS_CHUNK_ROWS = 8_192  # rows scored against all centroids at once (8192 x K floats)
+
+
+def torch_ivf_of(index: faiss.Index) -> Any:
+    """The index itself (downcast) when it is a bare IVF over a flat quantizer, else None."""
+    concrete: Any = faiss.downcast_index(index)
+    if type(concrete).__name__ not in TORCH_IVF_TYPES:
+        return None
+    quantizer = faiss.downcast_index(concrete.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal:
+        return None
+    return concrete
+
+
+@torch.inference_mode()
+def assign_to_centroids(
+    vectors: FloatArray | torch.Tensor, centroids: torch.Tensor, chunk_rows: int = KMEANS_CHUNK_ROWS
+) -> torch.Tensor:
+    """Index of the max-inner-product centroid of each row: int64 `[N]` on the CPU.
+
+    The score and input buffers are allocated once and reused: a fresh `[chunk, K]`
+    allocation per chunk is an mmap plus a page fault per 4 KiB, which cost more system
+    time than the matrix products themselves on the development machine.
+
+    Args:
+        vectors: `[N, D]` rows (numpy, memmap or a tensor on `centroids.device`).
+        centroids: `[K, D]` unit vectors.
+    """
+    num, dim = vectors.shape
+    rows = max(1, min(chunk_rows, num))
+    device = centroids.device
+    out = torch.empty(num, dtype=torch.int64)
+    scores = torch.empty((rows, centroids.shape[0]), device=device)  # (chunk, K), reused
+    staging = None if isinstance(vectors, torch.Tensor) else np.empty((rows, dim), np.float32)
+    centroids_t = centroids.T  # (D, K)
+    for start in range(0, num, rows):
+        end = min(start + rows, num)
+        if isinstance(vectors, torch.Tensor):
+            block = vectors[start:end]
+        else:
+            assert staging is not None
+            np.copyto(staging[: end - start], vectors[start:end])  # memmaps are read-only
+            block = torch.from_numpy(staging[: end - start]).to(device)
+        torch.mm(block, centroids_t, out=scores[: end - start])
+        out[start:end] = scores[: end - start].argmax(dim=1).cpu()
+    return out
+
+
+@torch.inference_mode()
+def spherical_kmeans(
+    sample: FloatArray, num_clusters: int, *, niter: int = 10, seed: int = 0, device: str = "cpu"
+) -> torch.Tensor:
+    """Spherical k-means (Dhillon & Modha, Machine Learning 2001) on unit vectors.
+
+    Assign each x_i to argmax_j <x_i, c_j>; then c_j = normalize(sum of its x_i). A cluster
+    left empty restarts from a random sample point. Initial centroids: distinct random
+    sample points (seeded).
+
+    Args:
+        sample: `[n, D]` float32 unit vectors, n >= `num_clusters`.
+        num_clusters: K.
+        niter: assignment / update rounds.
+        seed: seed of the initial centroids and of restarts.
+        device: torch device the work runs on.
+
+    Returns:
+        `[K, D]` float32 unit centroids on `device`.
+
+    >>> x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    >>> c = spherical_kmeans(x / np.linalg.norm(x, axis=1, keepdims=True), 2, seed=0)
+    >>> a, b, c_, d = assign_to_centroids(x, c).tolist()  # two tight pairs, two clusters
+    >>> a == b != c_ == d
+    True
+    """
+    num, dim = sample.shape
+    if num < num_clusters:
+        raise ValueError(f"k-means needs >= {num_clusters} points; got {num}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(device)
+    first = torch.randperm(num, generator=generator)[:num_clusters].to(device)
+    centroids = x[first].clone()  # (K, D)
+    for _ in range(niter):
+        labels = assign_to_centroids(x, centroids).to(device)  # (n,)
+        sums = torch.zeros(num_clusters, dim, device=device).index_add_(0, labels, x)
+        empty = (torch.bincount(labels, minlength=num_clusters) == 0).nonzero().flatten()
+        if len(empty):
+            restart = torch.randint(num, (len(empty),), generator=generator).to(device)
+            sums[empty] = x[restart]
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+    return centroids
+
+
+def train_ivf_with_torch(ivf: Any, sample: FloatArray, *, seed: int, device: str) -> torch.Tensor:
+    """Train `ivf` (see `torch_ivf_of`) as `IndexIVF::train` does, with torch k-means.
+
+    The coarse centroids come from `spherical_kmeans`; the list encoder (SQ, PQ) is then
+    trained like FAISS does it: on at most `train_encoder_num_vectors()` random sample
+    rows, given as residuals to their centroid when the index encodes residuals.
+    Returns the centroids (on `device`).
+    """
+    niter = int(ivf.cp.niter)
+    centroids = spherical_kmeans(sample, int(ivf.nlist), niter=niter, seed=seed, device=device)
+    centroids_np = np.ascontiguousarray(centroids.cpu().numpy())
+    ivf.quantizer.add(centroids_np)
+    limit = int(ivf.train_encoder_num_vectors())
+    if 0 < limit < len(sample):
+        chosen = np.random.default_rng(seed).permutation(len(sample))[:limit]
+        sample = sample[np.sort(chosen)]
+    lists = assign_to_centroids(sample, centroids).numpy()  # (n,)
+    data = sample - centroids_np[lists] if ivf.by_residual else sample
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    ivf.train_encoder(len(data), faiss.swig_ptr(data), faiss.swig_ptr(lists))
+    ivf.is_trained = True
+    return centroids
+
+
 def train_and_fill(
     factory: str,
     vectors: FloatArray,
@@ -171,15 +292,21 @@ def train_and_fill(
     size = train_sample_size(index, num_items)
     if size and train_size:
         size = min(max(train_size, ivf.nlist if ivf is not None else 1), num_items)
-    gpu = _to_gpu(index) if use_gpu else None
+    fast = torch_ivf_of(index)
+    gpu = None if fast is not None or not use_gpu else _to_gpu(index)
     work = gpu[0] if gpu is not None else index
+    torch_device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    rows = sample_rows(num_items, size, seed) if size else np.zeros(0, np.int64)
     started = time.perf_counter()
+    centroids: torch.Tensor | None = None
     if size:
-        rows = sample_rows(num_items, size, seed)
         sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)
         logger.info("training %s on %d of %d vectors", factory, size, num_items)
         try:
-            work.train(sample)
+            if fast is not None:
+                centroids = train_ivf_with_torch(fast, sample, seed=seed, device=torch_device)
+            else:
+                work.train(sample)
         except RuntimeError as exc:
             raise ValueError(f"training index {factory!r} failed: {exc}") from exc
         del sample
@@ -187,17 +314,23 @@ def train_and_fill(
     started = time.perf_counter()
     for start in range(0, num_items, ADD_CHUNK_ROWS):
         chunk = np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32)
-        work.add(chunk)
+        if fast is not None and centroids is not None:
+            lists = assign_to_centroids(chunk, centroids).numpy()  # (n,) int64
+            fast.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(lists))
+        else:
+            work.add(chunk)
         if progress is not None:
             progress(len(chunk))
     add_seconds = time.perf_counter() - started
     if gpu is not None:
         index = faiss.index_gpu_to_cpu(work)
+    device = "cuda" if gpu is not None or (fast is not None and torch_device == "cuda") else "cpu"
     info = {
         "train_size": int(size),
         "train_seconds": round(train_seconds, 3),
         "add_seconds": round(add_seconds, 3),
-        "device": "cuda" if gpu is not None else "cpu",
+        "device": device,
+        "engine": "torch k-means + faiss add_core" if fast is not None else "faiss",
     }
     logger.info(
         "index %s: trained in %.1fs, %d vectors added in %.1fs on %s",
@@ -205,7 +338,7 @@ def train_and_fill(
         train_seconds,
         num_items,
         add_seconds,
-        info["device"],
+        f"{device} ({info['engine']})",
     )
     return index, info
 
@@ -218,6 +351,7 @@ def _blocks(num_rows: int, block: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + block, num_rows)
 
 
+@torch.inference_mode()
 def exact_search(
     queries: FloatArray,
     vectors: FloatArray,
@@ -228,45 +362,35 @@ def exact_search(
 ) -> tuple[FloatArray, IntArray]:
     """Exact inner-product top-k over `vectors` read block by block (memmap-friendly).
 
-    CPU: `faiss.knn` per block merged in a `faiss.ResultHeap`. CUDA: the blocks go through
-    torch on the GPU (the exact fallback when faiss has no GPU support).
+    Each block is scored with one matrix product (into a reused buffer) and its top-k
+    merged into a running top-k, with torch on `device` (CUDA: the exact fallback when
+    faiss has no GPU).
 
     Returns:
         (scores [Q, k] float32 descending, rows [Q, k] int64; -inf / -1 past N).
     """
-    num_items = vectors.shape[0]
+    num_items, dim = vectors.shape
     k_eff = min(k, num_items)
-    if device.startswith("cuda"):
-        best_scores = torch.full((len(queries), 0), float("-inf"), device=device)
-        best_rows = torch.zeros((len(queries), 0), dtype=torch.int64, device=device)
-        query_t = torch.from_numpy(queries).to(device)
-        for start, end in _blocks(num_items, block_rows):
-            block = torch.from_numpy(np.ascontiguousarray(vectors[start:end])).to(device)
-            top = torch.topk(query_t @ block.T, min(k_eff, end - start), dim=1)
-            merged = torch.cat([best_scores, top.values], dim=1)
-            merged_rows = torch.cat([best_rows, top.indices + start], dim=1)
-            keep = torch.topk(merged, min(k_eff, merged.shape[1]), dim=1).indices
-            best_scores, best_rows = merged.gather(1, keep), merged_rows.gather(1, keep)
-        scores_np = best_scores.cpu().numpy()
-        rows_np = best_rows.cpu().numpy()
-    else:
-        heap = faiss.ResultHeap(len(queries), k_eff, keep_max=True)
-        for start, end in _blocks(num_items, block_rows):
-            block_np = np.ascontiguousarray(vectors[start:end], dtype=np.float32)
-            scores, rows = faiss.knn(
-                queries, block_np, min(k_eff, end - start), metric=faiss.METRIC_INNER_PRODUCT
-            )
-            if scores.shape[1] < k_eff:  # pad a short last block to the heap's width
-                pad = k_eff - scores.shape[1]
-                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-            heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
-        heap.finalize()
-        scores_np, rows_np = heap.D, heap.I
+    rows = max(1, min(block_rows, num_items))
+    query_t = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(device)
+    staging = np.empty((rows, dim), np.float32)
+    scores = torch.empty((len(queries), rows), device=device)  # (Q, block), reused
+    best_scores = torch.full((len(queries), 0), float("-inf"), device=device)
+    best_rows = torch.zeros((len(queries), 0), dtype=torch.int64, device=device)
+    for start, end in _blocks(num_items, rows):
+        width = end - start
+        np.copyto(staging[:width], vectors[start:end])
+        block = torch.from_numpy(staging[:width]).to(device)
+        torch.mm(query_t, block.T, out=scores[:, :width])
+        top = torch.topk(scores[:, :width], min(k_eff, width), dim=1)  # (Q, k')
+        merged = torch.cat([best_scores, top.values], dim=1)
+        merged_rows = torch.cat([best_rows, top.indices + start], dim=1)
+        keep = torch.topk(merged, min(k_eff, merged.shape[1]), dim=1).indices
+        best_scores, best_rows = merged.gather(1, keep), merged_rows.gather(1, keep)
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_rows = np.full((len(queries), k), -1, dtype=np.int64)
-    out_scores[:, :k_eff] = scores_np
-    out_rows[:, :k_eff] = rows_np
+    out_scores[:, :k_eff] = best_scores.cpu().numpy()
+    out_rows[:, :k_eff] = best_rows.cpu().numpy()
     return out_scores, out_rows
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -40,12 +41,17 @@ from service.cache import ResponseCache
 from service.dependencies import Services
 from service.engine import RetrievalEngine
 from service.errors import install_error_handlers
-from service.feature_store import FeatureStore, InProcessFeatureStore, RedisFeatureStore
+from service.feature_store import (
+    META_KEY,
+    FeatureStore,
+    InProcessFeatureStore,
+    RedisFeatureStore,
+)
 from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
 from service.middleware import AdmissionLimiter, BodySizeLimitMiddleware, MetricsMiddleware
 from service.query import QueryFeatures, QuerySchema, encode_queries
-from service.redis_link import RedisLink, make_client, redact_url
+from service.redis_link import RedisLink, RedisUnavailableError, make_client, redact_url
 from service.retriever import RetrievalJob, Retriever
 from service.routes import health, info, retrieve
 from service.settings import ServiceSettings
@@ -126,6 +132,29 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
     }
 
 
+async def check_pushed_features(link: RedisLink, prefix: str, schema: QuerySchema) -> None:
+    """Warn when the pushed records cannot give the model's queries (too short a history)."""
+    try:
+        raw = await link.call(lambda client: client.get(f"{prefix}{META_KEY}"))
+    except RedisUnavailableError:
+        return
+    if raw is None:
+        logger.warning("no features pushed under prefix %r yet (`retrieval features push`)", prefix)
+        return
+    meta = json.loads(raw)
+    pushed = int(meta.get("history_length", 0))
+    if pushed < schema.history_length:
+        logger.warning(
+            "pushed histories hold %d items but the model reads %d: `user_id` queries will "
+            "differ from offline evaluation; push again with --model",
+            pushed,
+            schema.history_length,
+        )
+    missing = sorted(set(schema.columns) - set(meta.get("columns", [])))
+    if missing:
+        logger.warning("pushed records lack query feature columns %s (they count as null)", missing)
+
+
 def _on_swap(metrics: ServiceMetrics, ok: bool, version: str, num_items: int) -> None:
     metrics.swaps.labels(result="ok" if ok else "failed").inc()
     if ok:
@@ -163,16 +192,19 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
                 redact_url(settings.redis_url),
             )
         store = RedisFeatureStore(link, settings.redis_prefix)
+        await check_pushed_features(link, settings.redis_prefix, loaded["schema"])
         if settings.cache_enabled:
             cache = ResponseCache(
                 link, settings.redis_prefix, settings.cache_ttl_s, observe=metrics.observe_cache
             )
 
+    limiter = AdmissionLimiter(settings.max_in_flight, settings.retry_after_s, metrics)
     batcher = MicroBatcher(
         retriever.run_batch,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
         on_batch=metrics.observe_batch,
+        expected=lambda: limiter.in_flight,  # admitted queries: the most that can still come
     )
     batcher.start()
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
@@ -195,7 +227,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
         index_manager=manager,
         batcher=batcher,
         engine=engine,
-        limiter=AdmissionLimiter(settings.max_in_flight, settings.retry_after_s, metrics),
+        limiter=limiter,
         feature_store=store,
         redis=link,
         cache=cache,

@@ -19,7 +19,7 @@ Example:
     ...     batcher.start()
     ...     results = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
     ...     await batcher.stop()
-    ...     return results, batcher.batch_sizes
+    ...     return results, list(batcher.batch_sizes)
     >>> asyncio.run(main())
     ([0, 10, 20, 30, 40, 50], [4, 2])
 """
@@ -65,6 +65,10 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: longest wait for more items after a batch's first one (>= 0).
         on_batch: called on the event loop after each batch with its size and the
             seconds the batch took (metrics hook).
+        expected: optional hint, the number of items the caller expects to be queued or
+            about to be (e.g. requests admitted and still being parsed). The worker waits
+            for more only while this exceeds the batch it holds, so a lone request never
+            waits `max_wait_s` for company that cannot come.
         thread_name: name of the worker thread.
     """
 
@@ -75,6 +79,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int = 64,
         max_wait_s: float = 0.001,
         on_batch: Callable[[int, float], None] | None = None,
+        expected: Callable[[], int] | None = None,
         thread_name: str = "batch-worker",
     ) -> None:
         if (
@@ -89,6 +94,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = float(max_wait_s)
         self._on_batch = on_batch
+        self._expected = expected
         self._thread_name = thread_name
         self._queue: collections.deque[_Pending[T]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
@@ -188,6 +194,8 @@ class MicroBatcher(Generic[T, R]):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
+            if self._expected is not None and self._expected() <= len(batch):
+                break  # nobody else is on the way
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)

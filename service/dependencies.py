@@ -1,6 +1,8 @@
 """Shared objects of the running service, handed to routes through `Depends`.
 
-Tests replace any of these with ``app.dependency_overrides[get_engine] = ...``.
+Tests replace any of these with ``app.dependency_overrides[get_engine] = ...``. The
+providers are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies on a
+thread pool, a thread hop per dependency per request.
 """
 
 from __future__ import annotations
@@ -54,34 +56,34 @@ class Services:
         return not self.draining and self.index_manager.current is not None and self.batcher.running
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     settings: ServiceSettings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         raise NotReadyError("the model and index are not loaded yet", retry_after_s=1)
     return services
 
 
-def get_engine(request: Request) -> RetrievalEngine:
-    return get_services(request).engine
+async def get_engine(request: Request) -> RetrievalEngine:
+    return (await get_services(request)).engine
 
 
-def get_limiter(request: Request) -> AdmissionLimiter:
-    return get_services(request).limiter
+async def get_limiter(request: Request) -> AdmissionLimiter:
+    return (await get_services(request)).limiter
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """401 unless `X-API-Key` matches the configured key (constant-time comparison)."""
-    expected = get_settings(request).api_key
+    expected = (await get_settings(request)).api_key
     if expected is None:
         return
     given = request.headers.get("x-api-key", "")

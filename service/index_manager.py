@@ -26,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from retrieval.index_store import (
     PUBLISH_CHANNEL,
     IndexStoreError,
@@ -42,6 +45,38 @@ _REDIS_RETRY_MAX_S = 5.0
 
 class IndexMismatchError(IndexStoreError):
     """The index version does not fit the loaded model (dimension or model checksum)."""
+
+
+class ServingIndex:
+    """A loaded index version plus its ids as a numpy object array (fast row -> id).
+
+    Args:
+        loaded: the verified `IndexVersion`.
+    """
+
+    def __init__(self, loaded: IndexVersion) -> None:
+        self.loaded = loaded
+        self.ids: npt.NDArray[np.object_] = np.array(loaded.item_ids.to_pylist(), dtype=object)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    @property
+    def num_items(self) -> int:
+        return self.loaded.num_items
+
+    @property
+    def dim(self) -> int:
+        return self.loaded.dim
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.loaded.manifest
+
+    def search(self, query_emb: npt.NDArray[np.float32], k: int) -> tuple[Any, Any]:
+        """`IndexVersion.search`: (scores [Q, k], rows [Q, k]), -1 padded."""
+        return self.loaded.search(query_emb, k)
 
 
 class IndexManager:
@@ -68,7 +103,7 @@ class IndexManager:
         self.model_dim = model_dim
         self.model_checksum = model_checksum
         self.require_model_match = require_model_match
-        self.current: IndexVersion | None = None
+        self.current: ServingIndex | None = None
         self.last_attempted: str | None = None
         self.last_error: str | None = None
         self.swaps_ok = 0
@@ -78,7 +113,7 @@ class IndexManager:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, version: str | None = None) -> IndexVersion:
+    def load(self, version: str | None = None) -> ServingIndex:
         """Load and check one version (blocking: file hashing and FAISS read).
 
         Raises:
@@ -99,9 +134,9 @@ class IndexManager:
                 f"{str(built_with)[:12]}..., not the loaded one {self.model_checksum[:12]}... "
                 "(set require_model_match=false to serve it anyway)"
             )
-        return loaded
+        return ServingIndex(loaded)
 
-    def load_initial(self) -> IndexVersion:
+    def load_initial(self) -> ServingIndex:
         """Load CURRENT at start-up (errors propagate: the service must not start without it)."""
         started = time.perf_counter()
         loaded = self.load()
@@ -114,7 +149,7 @@ class IndexManager:
         )
         return loaded
 
-    def _install(self, loaded: IndexVersion) -> None:
+    def _install(self, loaded: ServingIndex) -> None:
         self.current = loaded  # the swap: one reference assignment
         self.last_attempted = loaded.version
         self.last_error = None

@@ -97,6 +97,11 @@ class RedisLink:
         """False while Redis is in its backoff period after a failure."""
         return time.monotonic() >= self._down_until
 
+    @property
+    def reachable(self) -> bool:
+        """The outcome of the last call (True before the first one)."""
+        return self._up is not False
+
     def _set_state(self, up: bool) -> None:
         if self._up is up:
             return
@@ -141,4 +146,8 @@ class RedisLink:
             logger.debug("closing redis client: %s", exc)
 
     def describe(self) -> dict[str, Any]:
-        return {"up": self.up, "last_error": self.last_error}
+        return {
+            "reachable": self.reachable,
+            "backing_off": not self.up,
+            "last_error": self.last_error,
+        }

@@ -20,13 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from retrieval.encoders import FeatureEncoder
-from retrieval.index_store import IndexVersion
 from service.errors import NotReadyError
-from service.query import QueryFeatures, QuerySchema, encode_queries
+from service.index_manager import ServingIndex
+from service.query import QueryBatchEncoder, QueryFeatures, QuerySchema
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +83,11 @@ class Retriever:
         encoder: FeatureEncoder,
         schema: QuerySchema,
         embed: EmbedFn,
-        current_index: Callable[[], IndexVersion | None],
+        current_index: Callable[[], ServingIndex | None],
     ) -> None:
         self.encoder = encoder
         self.schema = schema
+        self.batch_encoder = QueryBatchEncoder(encoder, schema)
         self.embed = embed
         self.current_index = current_index
         self.timings = BatchTimings()
@@ -95,7 +95,7 @@ class Retriever:
     def embed_jobs(self, jobs: Sequence[RetrievalJob]) -> np.ndarray:
         """`[B, D]` float32 query embeddings of the jobs' features."""
         started = time.perf_counter()
-        batch = encode_queries(self.encoder, self.schema, [job.features for job in jobs])
+        batch = self.batch_encoder.encode([job.features for job in jobs])
         encoded = time.perf_counter()
         with torch.inference_mode():
             emb = self.embed(batch)  # (B, D)
@@ -124,21 +124,19 @@ class Retriever:
 
     @staticmethod
     def _result(
-        index: IndexVersion, job: RetrievalJob, scores: np.ndarray, rows: np.ndarray
+        index: ServingIndex, job: RetrievalJob, scores: np.ndarray, rows: np.ndarray
     ) -> RetrievalResult:
         valid = rows >= 0
-        if not job.exclude:
-            valid_rows = rows[valid][: job.k]
-            ids = index.item_ids.take(pa.array(valid_rows)).to_pylist()
-            kept_scores = np.round(
-                scores[valid][: job.k].astype(np.float64), SCORE_DECIMALS
-            ).tolist()
-            return RetrievalResult(ids=ids, scores=kept_scores, index_version=index.version)
-        candidates = index.item_ids.take(pa.array(rows[valid])).to_pylist()
-        candidate_scores = scores[valid].astype(np.float64)
-        keep = [i for i, item in enumerate(candidates) if item not in job.exclude][: job.k]
+        if job.exclude:
+            candidates: list[str] = index.ids[rows[valid]].tolist()
+            keep = [i for i, item in enumerate(candidates) if item not in job.exclude][: job.k]
+            ids = [candidates[i] for i in keep]
+            kept_scores = scores[valid].astype(np.float64)[keep]
+        else:
+            ids = index.ids[rows[valid][: job.k]].tolist()
+            kept_scores = scores[valid][: job.k].astype(np.float64)
         return RetrievalResult(
-            ids=[candidates[i] for i in keep],
-            scores=np.round(candidate_scores[keep], SCORE_DECIMALS).tolist(),
+            ids=ids,
+            scores=np.round(kept_scores, SCORE_DECIMALS).tolist(),
             index_version=index.version,
         )

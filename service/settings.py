@@ -8,8 +8,8 @@ a public bind address without an API key, a Redis URL with an unknown scheme).
 
 Example:
     >>> settings = ServiceSettings(model_dir="m", index_root="i", max_k=100)
-    >>> settings.max_k, settings.host
-    (100, '127.0.0.1')
+    >>> settings.max_k, settings.default_k, settings.host
+    (100, 100, '127.0.0.1')
     >>> from pydantic import ValidationError
     >>> try:
     ...     ServiceSettings(model_dir="m", index_root="i", max_k=5000)
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -104,14 +104,20 @@ class ServiceSettings(BaseSettings):
         default=1.0,
         ge=0,
         le=100,
-        description="How long a batch waits for more queries after its first one (0 = take "
-        "only what is already queued).",
+        description="How long a batch waits for more queries after its first one, and only "
+        "while more admitted requests are on their way (0 = take only what is queued).",
     )
     torch_threads: int = Field(
-        default=1, ge=1, le=256, description="torch intra-op threads of the batch worker."
+        default=1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads (process-wide: applied by `retrieval serve`).",
     )
     faiss_threads: int = Field(
-        default=1, ge=1, le=256, description="OpenMP threads of FAISS searches."
+        default=1,
+        ge=1,
+        le=256,
+        description="OpenMP threads of FAISS searches (process-wide: applied by `retrieval serve`).",
     )
     query_tower_mode: Literal["auto", "eager", "trace"] = Field(
         default="auto", description="How the query tower is prepared (`export_query_tower`)."
@@ -130,7 +136,8 @@ class ServiceSettings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         description="Redis for the feature store, the response cache and index announcements "
-        "(redis:// or rediss://). Unset: embedded feature store from `data_dir`, no cache.",
+        "(redis:// or rediss://); when set, `data_dir` is not used for features. Unset: "
+        "embedded feature store from `data_dir`, no cache, CURRENT polled only.",
     )
     redis_prefix: str = Field(
         default="retrieval:",
@@ -171,6 +178,14 @@ class ServiceSettings(BaseSettings):
         default=30.0, gt=0, le=600, description="Longest wait for in-flight requests on shutdown."
     )
     access_log: bool = Field(default=False, description="uvicorn access log.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_k_within_max_k(cls, data: Any) -> Any:
+        # A lowered `max_k` alone also lowers the default k (an explicit default_k is checked).
+        if isinstance(data, dict) and "max_k" in data and "default_k" not in data:
+            data = {**data, "default_k": min(1000, int(data["max_k"]))}
+        return data
 
     @field_validator("redis_url")
     @classmethod

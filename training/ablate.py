@@ -283,6 +283,8 @@ def run_one(
     bundle = run_dir / "model"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # An interrupted run continues from its checkpoint; its times then cover the rest only.
+    resumed = (run_dir / "model.ckpt" / "state.json").exists()
     if (bundle / "manifest.json").exists():
         # Trained, but interrupted before its result was written: reuse the bundle.
         metrics = json.loads((bundle / "metrics.json").read_text())
@@ -316,6 +318,7 @@ def run_one(
         "test_popularity": metrics.get("test_popularity", {}),
         "train_seconds": metrics.get("train_seconds"),
         "wall_seconds": wall,
+        "resumed_from_checkpoint": resumed,
         "costs": model_costs(model_config),
         "mlp_hidden": list(config.model.mlp_hidden),
         "rank": config.model.rank,
@@ -392,18 +395,21 @@ def run_ablation(
         return cost_model
 
     seed_values = [base_config.seed + i for i in range(seeds)]
+    stale: list[str] = []  # finished runs made with another config than this invocation's
     total = len(variants) * len(seed_values)
     done = 0
     for variant in variants:
         for seed in seed_values:
             done += 1
             run_dir = run_dir_of(out, variant, seed)
+            config = variant_config(base_config, variant, seed=seed, epochs=epochs, ks=ks)
             if (run_dir / RESULT_FILE).exists():
                 logger.info(
                     "[%d/%d] %s seed %d: done already, skipped", done, total, variant.name, seed
                 )
+                if not match_params and not _same_budget(run_dir, config, max_steps):
+                    stale.append(f"{variant.name}/seed{seed}")
                 continue
-            config = variant_config(base_config, variant, seed=seed, epochs=epochs, ks=ks)
             match_info = None
             if match_params:
                 config, match_info = match_variant_params(base_config, variant, config, costs())
@@ -447,7 +453,15 @@ def run_ablation(
         "base_config": base_config.to_dict(),
         "machine": describe_machine(),
         "wall_seconds_this_invocation": time.perf_counter() - started,
+        "runs_with_another_config": stale,
     }
+    if stale:
+        logger.warning(
+            "%d finished run(s) were made with another config than this invocation's and "
+            "were kept (delete their result.json to rerun): %s",
+            len(stale),
+            stale,
+        )
     report = build_report(records, variants, setup)
     from retrieval.atomic import atomic_write_text
 
@@ -457,6 +471,13 @@ def run_ablation(
     atomic_write_text(out / "report.md", format_report_markdown(report))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def _same_budget(run_dir: Path, config: Any, max_steps: int) -> bool:
+    """Whether a finished run used `config` and `max_steps` (what resuming assumes)."""
+    record = json.loads((run_dir / RESULT_FILE).read_text())
+    planned = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists
+    return bool(record.get("config") == planned and record.get("max_steps") == max_steps)
 
 
 # --------------------------------------------------------------------------- the report
@@ -521,6 +542,7 @@ def build_report(
                     "best_epoch",
                     "train_seconds",
                     "wall_seconds",
+                    "resumed_from_checkpoint",
                 )
             }
             for r in records
@@ -557,6 +579,11 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         "- Metric: exact full-catalog test recall@K (context items excluded), mean ± sample "
         f"std over {len(setup['seeds'])} seed(s); headline {setup['headline']}",
         f"- Parameter matching (`--match-params`): {'on' if setup['match_params'] else 'off'}",
+        *(
+            [f"- **Warning**: runs made with another config were kept: {stale}"]
+            if (stale := setup.get("runs_with_another_config"))
+            else []
+        ),
         f"- Machine: {machine['summary']}; torch {machine['torch']}, "
         f"{machine['torch_threads']} threads",
         "- Params: all weights, shared id table counted once; dense = all but embedding "
@@ -615,7 +642,9 @@ def format_report_markdown(report: dict[str, Any]) -> str:
             f"| {run['variant']} | {run['seed']} | {run.get('steps')} | {run['epochs_run']} "
             f"| {run['best_epoch']} "
             f"| {float(run['train_seconds'] or float('nan')):.1f} "
-            f"| {float(run['wall_seconds'] or float('nan')):.1f} |"
+            f"| {float(run['wall_seconds'] or float('nan')):.1f}"
+            + (" (resumed: rest of the run only)" if run.get("resumed_from_checkpoint") else "")
+            + " |"
         )
     plots = report.get("plots") or {}
     if plots:

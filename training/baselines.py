@@ -46,7 +46,7 @@ from retrieval.data.dataset import Dataset
 from retrieval.encoders import FeatureEncoder
 from retrieval.evaluation import CONTEXT_SPLITS, EvalQueries
 from retrieval.features import ITEM_ID, SPLIT, USER_ID
-from retrieval.metrics import ItemSets, exact_top_k, popularity_top_k, ranking_metrics
+from retrieval.metrics import ItemSets, exact_top_k, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +112,66 @@ def slice_item_sets(sets: ItemSets, start: int, stop: int) -> ItemSets:
     )
 
 
+def chunked_ranking_metrics(
+    ranking: torch.Tensor, held_out: ItemSets, ks: Sequence[int], *, chunk_size: int = 8192
+) -> dict[str, float | int]:
+    """Same result as `retrieval.metrics.ranking_metrics` (up to float summation order),
+    computed `chunk_size` queries at a time.
+
+    >>> import torch
+    >>> from retrieval.metrics import ranking_metrics
+    >>> ranking = torch.tensor([[3, 1], [0, 2], [2, 0]])
+    >>> held = ItemSets.from_lists([[1, 2], [4], []])
+    >>> chunked_ranking_metrics(ranking, held, [2], chunk_size=1) == ranking_metrics(ranking, held, [2])
+    True
+    """
+    num_queries = ranking.shape[0]
+    totals: dict[str, float] = {}
+    num_users = 0
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        held = slice_item_sets(held_out, start, stop)
+        if not bool((held.sizes() > 0).any()):
+            continue
+        part = ranking_metrics(ranking[start:stop], held, ks)
+        users = int(part["num_users"])
+        num_users += users
+        for key, value in part.items():
+            if "@" in key:
+                totals[key] = totals.get(key, 0.0) + float(value) * users
+    if num_users == 0:
+        raise ValueError("`held_out` has no user with held-out items; nothing to evaluate")
+    result: dict[str, float | int] = {key: total / num_users for key, total in totals.items()}
+    result["num_users"] = num_users
+    result["num_users_skipped"] = num_queries - num_users
+    return result
+
+
 def popularity_ranking(
     item_counts: torch.Tensor, exclude: ItemSets, k: int, *, query_chunk_size: int = 1024
 ) -> torch.Tensor:
-    """`[Q, k]` item rows by descending count, each query's excluded items removed."""
+    """`[Q, k]` item rows by descending count (ties: lower row first), each query's
+    excluded items removed: the same ranking as `retrieval.metrics.popularity_top_k`.
+
+    Every query shares one order, so it is sorted once; a chunk of queries takes its first
+    ``k + (most excluded items of a query in the chunk)`` entries and drops the excluded
+    ones, which costs O(Q (k + e)) instead of scoring the catalog for every query.
+    """
+    from training.evaluate import drop_excluded
+
+    counts = torch.as_tensor(item_counts)
+    if counts.dim() != 1 or bool((counts < 0).any()):
+        raise ValueError("`item_counts` must be a 1-d tensor of non-negative counts")
+    order = torch.sort(counts, descending=True, stable=True).indices  # (N,)
     num_queries = exclude.num_queries
     parts = []
     for start in range(0, num_queries, query_chunk_size):
         stop = min(start + query_chunk_size, num_queries)
-        _, ranking = popularity_top_k(
-            item_counts, stop - start, k, slice_item_sets(exclude, start, stop)
-        )
-        parts.append(ranking)
+        chunk = slice_item_sets(exclude, start, stop)
+        sizes = chunk.sizes()
+        fetch = min(len(order), k + (int(sizes.max()) if len(sizes) else 0))
+        candidates = order[:fetch].expand(stop - start, fetch)  # (q, fetch)
+        parts.append(drop_excluded(candidates, chunk, k))
     return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.int64)
 
 
@@ -139,6 +187,8 @@ def factor_ranking(
         torch.from_numpy(np.ascontiguousarray(item_factors, dtype=np.float32)),
         k,
         exclude,
+        query_chunk_size=512,
+        item_chunk_size=65536,  # wide blocks: fewer top-k merges on big catalogs
     )
     return ranking
 
@@ -150,7 +200,7 @@ def evaluate_popularity_baseline(
     start = time.perf_counter()
     counts = context_item_counts(encoder, dataset, queries.split)
     ranking = popularity_ranking(counts, queries.exclude, max(ks))
-    metrics: dict[str, Any] = dict(ranking_metrics(ranking, queries.held_out, ks))
+    metrics: dict[str, Any] = dict(chunked_ranking_metrics(ranking, queries.held_out, ks))
     metrics["counts"] = "+".join(CONTEXT_SPLITS[queries.split])
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
@@ -278,7 +328,7 @@ def _als_metrics(
     ranking = factor_ranking(
         user_factors[queries.user_rows], item_factors, queries.exclude, max(ks)
     )
-    return dict(ranking_metrics(ranking, queries.held_out, ks)), fit_seconds
+    return dict(chunked_ranking_metrics(ranking, queries.held_out, ks)), fit_seconds
 
 
 def tune_and_evaluate_als(

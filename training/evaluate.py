@@ -215,11 +215,14 @@ def exact_ranking(
     exclude: Any,
     k: int,
     *,
-    query_chunk_size: int = 1024,
-    item_chunk_size: int = 32768,
+    query_chunk_size: int = 512,
+    item_chunk_size: int = 65536,
     progress: bool = True,
 ) -> Any:
-    """Exact (brute-force) `[Q, k]` ranking by inner product, context items excluded."""
+    """Exact (brute-force) `[Q, k]` ranking by inner product, context items excluded.
+
+    A score block is ``query_chunk_size x item_chunk_size`` float32 (128 MiB by default);
+    wide item chunks mean fewer running top-k merges, which dominate at K = 1000."""
     from retrieval.metrics import exact_top_k
 
     def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
@@ -252,8 +255,8 @@ def drop_excluded(candidates: Any, exclude: Any, k: int) -> Any:
     >>> import torch
     >>> from retrieval.metrics import ItemSets
     >>> drop_excluded(torch.tensor([[4, 2, 7, -1], [1, 0, 3, 5]]), ItemSets.from_lists([[2], [9]]), 3)
-    tensor([[4, 7, -1],
-            [1, 0,  3]])
+    tensor([[ 4,  7, -1],
+            [ 1,  0,  3]])
     """
     import torch
 
@@ -307,9 +310,12 @@ def ann_ranking(
     )
 
 
-def top_k_overlap(ranking: Any, reference: Any, ks: Sequence[int]) -> dict[str, float]:
+def top_k_overlap(
+    ranking: Any, reference: Any, ks: Sequence[int], *, chunk_size: int = 4096
+) -> dict[str, float]:
     """Mean ``|ranking[:, :K] ∩ reference[:, :K]| / |reference[:, :K]|`` per K: the usual
-    "ANN recall" of an index against exact search (``-1`` padding ignored).
+    "ANN recall" of an index against exact search (``-1`` padding ignored; queries whose
+    reference row is empty are left out). Works `chunk_size` queries at a time.
 
     >>> import torch
     >>> top_k_overlap(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 4]]), [1, 3])
@@ -317,15 +323,23 @@ def top_k_overlap(ranking: Any, reference: Any, ks: Sequence[int]) -> dict[str, 
     """
     import torch
 
-    result = {}
-    for k in ks:
-        ours, ref = ranking[:, :k], reference[:, :k]
-        hits = ((ours[:, :, None] == ref[:, None, :]) & (ref[:, None, :] >= 0)).any(dim=1)
-        hits = hits.sum(dim=1).to(torch.float64)  # (Q,) reference items found
-        sizes = (ref >= 0).sum(dim=1).to(torch.float64)
-        has = sizes > 0
-        result[f"overlap@{k}"] = float((hits[has] / sizes[has]).mean()) if bool(has.any()) else 1.0
-    return result
+    sums = dict.fromkeys(ks, 0.0)
+    counts = dict.fromkeys(ks, 0)
+    for start in range(0, ranking.shape[0], chunk_size):
+        ours_all = ranking[start : start + chunk_size]
+        ref_all = reference[start : start + chunk_size]
+        rows = torch.arange(len(ours_all))[:, None]  # (q, 1)
+        stride = max(int(ours_all.max()), int(ref_all.max()), 0) + 1
+        for k in ks:
+            ours, ref = ours_all[:, :k], ref_all[:, :k]
+            ref_keys = (rows * stride + ref)[ref >= 0]  # (n,) one key per (query, item)
+            found = torch.isin(rows * stride + ours, ref_keys) & (ours >= 0)  # (q, k)
+            sizes = (ref >= 0).sum(dim=1)  # (q,)
+            has = sizes > 0
+            share = found.sum(dim=1)[has].to(torch.float64) / sizes[has].to(torch.float64)
+            sums[k] += float(share.sum())
+            counts[k] += int(has.sum())
+    return {f"overlap@{k}": sums[k] / counts[k] if counts[k] else 1.0 for k in ks}
 
 
 # --------------------------------------------------------------------------- the job
@@ -354,7 +368,9 @@ def _check_index_matches(index: Any, bundle: Any) -> None:
     model_info: dict[str, Any] = model_section if isinstance(model_section, dict) else {}
     recorded_checksum = manifest.get("model_checksum") or model_info.get("checksum")
     recorded_version = (
-        manifest.get("model_version") or model_info.get("model_version") or model_info.get("version")
+        manifest.get("model_version")
+        or model_info.get("model_version")
+        or model_info.get("version")
     )
     if recorded_checksum and recorded_checksum != bundle.checksum:
         raise ValueError(
@@ -487,7 +503,7 @@ def evaluate_bundle(
             f"recall_ratio@{k}": (
                 ann_metrics[f"recall@{k}"] / model_metrics[f"recall@{k}"]
                 if model_metrics[f"recall@{k}"] > 0
-                else float("nan")
+                else None  # undefined: exact recall is 0
             )
             for k in ks
         }
@@ -559,10 +575,15 @@ def evaluate_bundle(
     }
 
 
-def ranking_metrics_of(ranking: Any, queries: Any, ks: Sequence[int]) -> dict[str, float | int]:
-    from retrieval.metrics import ranking_metrics
+def ranking_metrics_of(
+    ranking: Any, queries: Any, ks: Sequence[int], *, chunk_size: int = 8192
+) -> dict[str, float | int]:
+    """`ranking_metrics` over query chunks, combined by user counts (each chunk's per-user
+    float64 work arrays are ``[chunk, K]``, not ``[Q, K]``, which at 100k users and
+    K = 1000 would be gigabytes)."""
+    from training.baselines import chunked_ranking_metrics
 
-    return ranking_metrics(ranking, queries.held_out, ks)
+    return chunked_ranking_metrics(ranking, queries.held_out, ks, chunk_size=chunk_size)
 
 
 def _jsonable(value: Any) -> Any:
@@ -573,7 +594,7 @@ def _ranker_label(name: str, result: dict[str, Any], report: dict[str, Any]) -> 
     if name == "model":
         return "model (exact)"
     if name == "model_ann":
-        return f"model (ANN {report['ann']['index_version']})"
+        return "model (ANN)"
     if name == "als" and "params" in result:
         p = result["params"]
         return f"als (f={p['factors']}, reg={p['regularization']:g}, a={p['alpha']:g})"
@@ -592,6 +613,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"split {report['split']}: {report['num_users']} users, {report['num_items']} items "
         "(full catalog, context items excluded)"
     ]
+    if report.get("ann"):
+        ann = report["ann"]
+        index = (ann.get("index_manifest") or {}).get("index", {})
+        lines.append(
+            f"ANN: index version {ann['index_version']} ({index.get('factory', '?')}, "
+            f"search params {index.get('search_params', {})}, {ann['index_num_items']} items), "
+            f"{ann['queries_per_second']:,.0f} queries/s incl. over-fetch and filtering"
+        )
     if report["dropped_ks"]:
         lines.append(f"K {report['dropped_ks']} dropped: not below the catalog size")
     for metric in METRIC_NAMES:
@@ -611,7 +640,12 @@ def format_report(report: dict[str, Any]) -> str:
             ann = report["ann"]
             lines.append(
                 f"{'  ANN/exact recall':<{width}}"
-                + "".join(f"{ann[f'recall_ratio@{k}']:>{column}.4f}" for k in ks)
+                + "".join(
+                    f"{ratio:>{column}.4f}"
+                    if (ratio := ann[f"recall_ratio@{k}"]) is not None
+                    else f"{'-':>{column}}"
+                    for k in ks
+                )
             )
             lines.append(
                 f"{'  ANN ∩ exact top-K':<{width}}"
@@ -697,7 +731,8 @@ def register_evaluate(subparsers: Any) -> None:
         "--tuning-max-users",
         type=int,
         default=0,
-        help="valid users sampled for ALS tuning (0 = same as --max-users)",
+        help="valid users sampled for ALS tuning (0 = same as --max-users); every grid "
+        "point ranks the full catalog for them, so use a few thousand on 1M-item catalogs",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_evaluate)

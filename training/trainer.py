@@ -207,6 +207,7 @@ def build_optimizers(
                     {"params": no_decay, "weight_decay": 0.0},
                 ],
                 lr=config.lr,
+                foreach=True,  # one fused pass over all parameters: faster on CPU too
             )
         ]
     sparse_ids = set()
@@ -216,7 +217,7 @@ def build_optimizers(
     sparse = [p for p in params if id(p) in sparse_ids]
     dense = [p for p in params if id(p) not in sparse_ids]
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(dense, lr=config.lr, weight_decay=config.weight_decay)
+        torch.optim.AdamW(dense, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     ]
     if sparse:
         optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr))

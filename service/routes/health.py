@@ -37,7 +37,7 @@ async def readyz(request: Request) -> Response:
             "model_version": services.bundle.version,
             "index_version": index.version if index is not None else None,
             "draining": services.draining,
-            "redis_up": services.redis.up if services.redis is not None else None,
+            "redis_reachable": services.redis.reachable if services.redis is not None else None,
         }
     )
     if not services.ready:
@@ -47,10 +47,5 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(
-    request: Request, registry: Annotated[ServiceMetrics, Depends(get_metrics)]
-) -> Response:
-    services: Services | None = getattr(request.app.state, "services", None)
-    if services is not None and services.redis is not None:
-        registry.redis_up.set(1 if services.redis.up else 0)
+async def metrics(registry: Annotated[ServiceMetrics, Depends(get_metrics)]) -> Response:
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -22,8 +22,8 @@ async def info(services: Annotated[Services, Depends(get_services)]) -> dict[str
             "version": index.version,
             "num_items": index.num_items,
             "dim": index.dim,
-            "factory": index.factory,
-            "search_params": index.search_params,
+            "factory": index.loaded.factory,
+            "search_params": index.loaded.search_params,
             "created": index.manifest.get("created"),
             "recall": (index.manifest.get("recall") or {}).get("recall"),
         }

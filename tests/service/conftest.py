@@ -16,7 +16,9 @@ from service.settings import ServiceSettings
 
 
 @pytest.fixture(scope="session")
-def tiny_index(tiny_bundle: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_index(
+    tiny_bundle: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """An index root whose CURRENT is a Flat version of the tiny catalog (do not modify)."""
     root = tmp_path_factory.mktemp("tiny-index") / "index"
     build_flat_index(tiny_bundle, tiny_dataset, root)

@@ -18,7 +18,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import redis
-import uvicorn
 
 from retrieval.bundle import load_bundle
 from retrieval.index_store import (
@@ -64,18 +63,21 @@ def build_flat_index(model_dir: Path, data_dir: Path, root: Path) -> str:
     return build_index(model_dir, data_dir, root, options).version
 
 
-def write_subset_version(root: Path, name: str, model_dir: Path, keep_every: int = 2) -> str:
-    """A version holding every `keep_every`-th item of CURRENT (different answers, same model)."""
-    source = load_index_version(root)
-    vectors = reconstruct_all(source.index)
-    rows = np.arange(0, source.num_items, keep_every)
+def write_subset_version(
+    root: Path, name: str, model_dir: Path, keep_every: int = 2, source: str | None = None
+) -> str:
+    """A version holding every `keep_every`-th item of `source` (default CURRENT): different
+    answers from the same model."""
+    loaded = load_index_version(root, source)
+    vectors = reconstruct_all(loaded.index)
+    rows = np.arange(0, loaded.num_items, keep_every)
     bundle = load_bundle(model_dir)
     write_index_version(
         root,
         name,
-        faiss.IndexFlatIP(source.dim),
+        faiss.IndexFlatIP(loaded.dim),
         vectors[rows],
-        source.item_ids.take(pa.array(rows)),
+        loaded.item_ids.take(pa.array(rows)),
         factory="Flat",
         manifest_extra={"model": {"checksum": bundle.checksum, "model_version": bundle.version}},
     )
@@ -166,7 +168,19 @@ class RedisProcess:
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

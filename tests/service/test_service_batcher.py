@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import pytest
 
 from service.batcher import BatcherClosedError, MicroBatcher
 
+T = TypeVar("T")
 
-def run(coro):  # type: ignore[no-untyped-def]
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout=10))
 
 
@@ -113,10 +116,10 @@ def test_exceptions_reach_the_right_futures() -> None:
         return [ValueError(f"bad {x}") if x % 2 else x for x in items]
 
     async def main() -> list[object]:
-        batcher = MicroBatcher(process, max_batch_size=8, max_wait_s=0.01)
+        batcher: MicroBatcher[int, int] = MicroBatcher(process, max_batch_size=8, max_wait_s=0.01)
         batcher.start()
         futures = [batcher.submit(i) for i in range(4)]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results: list[object] = list(await asyncio.gather(*futures, return_exceptions=True))
         await batcher.stop()
         return results
 
@@ -148,7 +151,7 @@ def test_metrics_hook_and_queue_depth() -> None:
     sizes: list[int] = []
 
     async def main() -> None:
-        batcher = MicroBatcher(
+        batcher: MicroBatcher[int, int] = MicroBatcher(
             lambda xs: list(xs), max_batch_size=4, on_batch=lambda n, s: sizes.append(n)
         )
         batcher.start()
@@ -164,7 +167,9 @@ def test_metrics_hook_and_queue_depth() -> None:
 
 def test_stop_drains_and_then_refuses() -> None:
     async def main() -> list[int]:
-        batcher = MicroBatcher(lambda xs: [x * 2 for x in xs], max_batch_size=2, max_wait_s=0.0)
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            lambda xs: [x * 2 for x in xs], max_batch_size=2, max_wait_s=0.0
+        )
         batcher.start()
         futures = [batcher.submit(i) for i in range(5)]
         await batcher.stop(drain=True)
@@ -180,3 +185,34 @@ def test_arguments_are_checked() -> None:
         MicroBatcher(lambda xs: xs, max_batch_size=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         MicroBatcher(lambda xs: xs, max_wait_s=-1)
+
+
+def test_no_wait_when_nobody_else_is_expected() -> None:
+    seen: list[list[int]] = []
+
+    def process(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    async def main() -> tuple[float, float]:
+        expected = 1
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            process, max_batch_size=8, max_wait_s=0.5, expected=lambda: expected
+        )
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(1)  # alone, and the hint says so: no 0.5 s wait
+        alone = time.perf_counter() - started
+        expected = 2  # a second request is admitted and on its way
+        started = time.perf_counter()
+        first = batcher.submit(2)
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, batcher.submit(3))
+        together = time.perf_counter() - started
+        await batcher.stop()
+        return alone, together
+
+    alone, together = run(main())
+    assert alone < 0.25
+    assert seen == [[1], [2, 3]]  # the worker waited for the expected second item
+    assert together < 0.45  # and stopped waiting as soon as it came

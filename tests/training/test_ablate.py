@@ -15,6 +15,7 @@ from training import trainer
 from training.ablate import (
     CostModel,
     Variant,
+    _same_budget,
     match_variant_params,
     plan_variants,
     run_ablation,
@@ -86,6 +87,15 @@ def test_rerun_resumes_without_training(
     )
     assert result.read_text() == before
     assert len(report["runs"]) == 2
+    assert report["setup"]["runs_with_another_config"] == []
+    # A finished run is recognised as made with another budget (reported, not retrained).
+    config = variant_config(
+        tiny_train_config(), Variant("deep", None), seed=0, epochs=None, ks=(10, 20, 50, 100)
+    )
+    run = ablation_dir / "runs" / "deep" / "seed0"
+    assert _same_budget(run, config, max_steps=2)
+    assert not _same_budget(run, config, max_steps=5)
+    assert not _same_budget(run, config.with_overrides(lr=0.5), max_steps=2)
 
 
 def test_plan_and_config_give_equal_budgets() -> None:

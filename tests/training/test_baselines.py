@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.sparse import csr_matrix
 
 from retrieval.bundle import load_bundle
 from retrieval.data.dataset import load_dataset
-from retrieval.metrics import ItemSets
+from retrieval.metrics import ItemSets, popularity_top_k
 from training import baselines
 from training.baselines import (
     ALSGrid,
@@ -19,6 +20,7 @@ from training.baselines import (
     context_item_counts,
     factor_ranking,
     fit_als,
+    popularity_ranking,
     slice_item_sets,
     user_item_matrix,
 )
@@ -83,3 +85,14 @@ def test_slice_item_sets_rebases_rows() -> None:
     sets = ItemSets.from_lists([[1], [2, 3], [], [4]])
     part = slice_item_sets(sets, 1, 3)
     assert part.num_queries == 2 and part.row(0).tolist() == [2, 3] and part.row(1).tolist() == []
+
+
+def test_popularity_ranking_equals_popularity_top_k() -> None:
+    # Many ties and uneven exclusions: the sort-once ranking must equal the metrics engine's.
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 5, (300,), generator=gen)
+    exclude = ItemSets.from_lists(
+        [torch.randint(0, 300, (int(n),), generator=gen) for n in torch.randint(0, 60, (50,))]
+    )
+    _, expected = popularity_top_k(counts, 50, 40, exclude)
+    assert popularity_ranking(counts, exclude, 40, query_chunk_size=7).tolist() == expected.tolist()

@@ -1,0 +1,387 @@
+"""The real app through FastAPI's TestClient: inline and user_id queries, exclusions, the batch
+endpoint, validation errors, API key, body limit, error mapping, metrics, info, probes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from retrieval.bundle import load_bundle
+from retrieval.index_store import load_index_version
+from service.app import create_app
+from service.dependencies import get_engine
+from service.errors import DependencyError
+from service.feature_store import InProcessFeatureStore
+from service.query import QuerySchema, encode_queries, normalize_query
+from service.settings import ServiceSettings
+
+QUERY = {"gender": "F", "occupation": "engineer", "age_bucket": "25-34", "history": ["m 003/x"]}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path) -> Iterator[TestClient]:
+    settings = ServiceSettings(
+        model_dir=tiny_bundle,
+        index_root=tiny_index,
+        data_dir=tiny_dataset,
+        max_batch_queries=4,
+        max_body_bytes=4096,
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def store(tiny_bundle: Path, tiny_dataset: Path) -> InProcessFeatureStore:
+    schema = QuerySchema.from_schema(load_bundle(tiny_bundle).encoder.schema)
+    return InProcessFeatureStore.from_dataset(
+        tiny_dataset, list(schema.columns), schema.history_length
+    )
+
+
+def retrieve(client: TestClient, body: dict[str, Any], **kwargs: Any) -> Any:
+    return client.post("/v1/retrieve", json=body, **kwargs)
+
+
+def expected_ids(tiny_bundle: Path, tiny_index: Path, query: dict[str, Any], k: int) -> list[str]:
+    """The same query computed in process: eager query tower + the index version's search."""
+    bundle = load_bundle(tiny_bundle)
+    schema = QuerySchema.from_schema(bundle.encoder.schema)
+    batch = encode_queries(bundle.encoder, schema, [normalize_query(query, schema)])
+    with torch.inference_mode():
+        emb = bundle.model.embed_queries(batch).numpy()
+    ids, _ = load_index_version(tiny_index).search_ids(emb, k)
+    return ids[0]
+
+
+def test_probes_info_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    info = client.get("/v1/info").json()
+    assert info["catalog_size"] == 120 and info["index"]["factory"] == "Flat"
+    assert info["model"]["output_dim"] == info["index"]["dim"] == 16
+    assert info["schema"]["history"]["order"] == "most recent first"
+    assert info["feature_store"] == "embedded"
+    spec = client.get("/openapi.json").json()
+    assert "/v1/retrieve" in spec["paths"] and "/v1/retrieve/batch" in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_inline_query_matches_in_process_search(
+    client: TestClient, tiny_bundle: Path, tiny_index: Path
+) -> None:
+    response = retrieve(client, {"query": QUERY, "k": 25})
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["ids"]) == len(body["scores"]) == 25
+    assert body["scores"] == sorted(body["scores"], reverse=True)
+    assert body["index_version"] == load_index_version(tiny_index).version
+    assert body["model_version"] == load_bundle(tiny_bundle).version
+    assert body["ids"] == expected_ids(tiny_bundle, tiny_index, QUERY, 25)
+
+
+def test_default_k_is_capped_by_the_catalog(client: TestClient) -> None:
+    body = retrieve(client, {"query": {}}).json()  # default k 1000 > 120 items
+    assert len(body["ids"]) == 120 and len(set(body["ids"])) == 120
+
+
+def test_user_id_query_and_exclusions(client: TestClient, store: InProcessFeatureStore) -> None:
+    user = "u005"
+    seen = set(store._records[user].seen)
+    plain = retrieve(client, {"user_id": user, "k": 50}).json()["ids"]
+    assert seen & set(plain)  # this user's seen items do rank high without the exclusion
+    body = retrieve(client, {"user_id": user, "k": 50, "exclude_seen": True}).json()
+    assert len(body["ids"]) == 50 and not seen & set(body["ids"])
+    explicit = body["ids"][:3]
+    again = retrieve(
+        client, {"user_id": user, "k": 50, "exclude_seen": True, "exclude_ids": explicit}
+    ).json()
+    assert len(again["ids"]) == 50  # still k results
+    assert not (seen | set(explicit)) & set(again["ids"])
+    assert again["ids"][:47] == body["ids"][3:]  # the rest keeps its order
+    # more exclusions than the catalog can make up: every remaining item, once
+    rest = retrieve(client, {"user_id": user, "k": 120, "exclude_seen": True}).json()
+    assert len(rest["ids"]) == 120 - len(seen)
+
+
+def test_inline_query_with_user_id_takes_seen_items_from_the_store(
+    client: TestClient, store: InProcessFeatureStore
+) -> None:
+    seen = set(store._records["u001"].seen)
+    body = retrieve(client, {"query": QUERY, "user_id": "u001", "k": 30, "exclude_seen": True})
+    assert body.status_code == 200 and not seen & set(body.json()["ids"])
+
+
+def test_batch_endpoint(client: TestClient) -> None:
+    queries = [
+        {"query": QUERY, "k": 5},
+        {"user_id": "u002", "k": 7, "exclude_seen": True},
+        {"user_id": "u003", "k": 3},
+    ]
+    response = client.post("/v1/retrieve/batch", json={"queries": queries})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [len(r["ids"]) for r in results] == [5, 7, 3]
+    for query, result in zip(queries, results, strict=True):
+        assert retrieve(client, query).json()["ids"] == result["ids"]
+    too_many = client.post("/v1/retrieve/batch", json={"queries": [{"query": {}}] * 5})
+    assert (
+        too_many.status_code == 422 and "at most 4 queries" in too_many.json()["error"]["message"]
+    )
+    bad = client.post("/v1/retrieve/batch", json={"queries": [{"query": {}}, {"query": {"x": 1}}]})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "queries[1].query.x"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        ({"query": {"agee": "x"}}, "query.agee", "unknown query feature 'agee'"),
+        ({"query": {"gender": 2.5}}, "query.gender", "string or an integer"),
+        ({"query": {"history": "m 003/x"}}, "query.history", "list of item ids"),
+        ({"query": {}, "k": 0}, "k", "must be in [1, 2048]; got 0"),
+        ({"query": {}, "k": 5000}, "k", "must be in [1, 2048]; got 5000"),
+        ({"query": {}, "k": "10"}, "k", "valid integer"),
+        ({"query": {}, "exclude_ids": [1]}, "exclude_ids.0", "valid string"),
+        ({"query": {}, "exclude_seen": True}, "exclude_seen", "needs `user_id`"),
+        ({"k": 5}, "query", "needs `query`"),
+        ({"query": {}, "color": "red"}, "color", "Extra inputs"),
+        ({"query": "gender=F"}, "query", "valid dictionary"),
+    ],
+)
+def test_validation_errors_name_the_field(
+    client: TestClient, body: dict[str, Any], field: str, fragment: str
+) -> None:
+    response = retrieve(client, body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["field"] == field
+    assert fragment in error["message"]
+
+
+def test_non_finite_numbers_and_broken_json_are_422(client: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    nan = client.post("/v1/retrieve", content=b'{"query": {"gender": NaN}}', headers=headers)
+    assert nan.status_code == 422 and nan.json()["error"]["field"] == "query.gender"
+    broken = client.post("/v1/retrieve", content=b'{"query": ', headers=headers)
+    assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_unknown_user_is_404(client: TestClient) -> None:
+    response = retrieve(client, {"user_id": "nobody"})
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "code": "unknown_user",
+        "message": "user 'nobody' is not in the feature store (embedded)",
+        "field": "user_id",
+    }
+
+
+def test_body_too_large_is_413_before_parsing(client: TestClient) -> None:
+    big = json.dumps({"query": {}, "exclude_ids": ["x" * 100] * 100}).encode()  # > 4096 bytes
+    declared = client.post(
+        "/v1/retrieve", content=big, headers={"content-type": "application/json"}
+    )
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        for start in range(0, len(big), 512):
+            yield big[start : start + 512]
+
+    chunked = client.post(
+        "/v1/retrieve", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 413
+    small = client.post(
+        "/v1/retrieve",
+        content=chunks_of(b'{"query": {}, "k": 3}'),
+        headers={"content-type": "application/json"},
+    )
+    assert small.status_code == 200 and len(small.json()["ids"]) == 3
+
+
+def chunks_of(data: bytes) -> Iterator[bytes]:
+    yield data[:5]
+    yield data[5:]
+
+
+def test_metrics_are_exposed(client: TestClient) -> None:
+    retrieve(client, {"query": {}, "k": 3})
+    retrieve(client, {"query": {"nope": 1}})
+    text = client.get("/metrics").text
+    assert 'retrieval_http_requests_total{method="POST",route="/v1/retrieve",status="200"}' in text
+    assert 'retrieval_http_requests_total{method="POST",route="/v1/retrieve",status="422"}' in text
+    assert "retrieval_http_request_duration_seconds_bucket" in text
+    assert "retrieval_batch_size_bucket" in text and "retrieval_queue_depth 0.0" in text
+    version = client.get("/v1/info").json()["index"]["version"]
+    assert f'retrieval_index_version_info{{version="{version}"}} 1.0' in text
+    assert 'retrieval_index_swaps_total{result="failed"} 0.0' in text
+    assert "retrieval_cache_hit_ratio" in text and "retrieval_in_flight_requests" in text
+
+
+def test_readiness_flips_when_draining(client: TestClient) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    services.draining = True
+    try:
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.json()["reason"] == "shutting down"
+        assert response.headers["retry-after"] == "1"
+        assert client.get("/healthz").status_code == 200
+    finally:
+        services.draining = False
+    assert client.get("/readyz").status_code == 200
+
+
+def test_errors_map_to_status_codes_without_tracebacks(client: TestClient) -> None:
+    app = client.app
+
+    class Failing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        async def prepare(self, *args: Any, **kwargs: Any) -> Any:
+            raise self.error
+
+    app.dependency_overrides[get_engine] = lambda: Failing(  # type: ignore[attr-defined]
+        DependencyError("the feature store is unavailable", retry_after_s=2)
+    )
+    try:
+        down = retrieve(client, {"user_id": "u001"})
+        assert down.status_code == 503 and down.headers["retry-after"] == "2"
+        assert down.json()["error"]["code"] == "dependency_unavailable"
+        app.dependency_overrides[get_engine] = lambda: Failing(  # type: ignore[attr-defined]
+            RuntimeError("secret internal detail /etc/passwd")
+        )
+        other = TestClient(app, raise_server_exceptions=False)  # no `with`: same lifespan
+        crash = retrieve(other, {"query": {}})
+        assert crash.status_code == 500
+        assert crash.json() == {
+            "error": {"code": "internal_error", "message": "internal server error"}
+        }
+        assert "Traceback" not in crash.text and "passwd" not in crash.text
+    finally:
+        app.dependency_overrides.clear()  # type: ignore[attr-defined]
+
+
+def test_api_key(tiny_bundle: Path, tiny_index: Path) -> None:
+    key = "k" * 24
+    settings = ServiceSettings(model_dir=tiny_bundle, index_root=tiny_index, api_key=SecretStr(key))
+    with TestClient(create_app(settings)) as client:
+        missing = retrieve(client, {"query": {}, "k": 3})
+        wrong = retrieve(client, {"query": {}, "k": 3}, headers={"X-API-Key": "x" * 24})
+        for response in (missing, wrong):
+            assert response.status_code == 401
+            assert response.json() == {
+                "error": {"code": "unauthorized", "message": "missing or invalid API key"}
+            }
+        # the key is checked before the body: a bad body without a key is still 401
+        assert retrieve(client, {"query": {"zzz": 1}}).status_code == 401
+        assert client.get("/v1/info").status_code == 401
+        ok = retrieve(client, {"query": {}, "k": 3}, headers={"X-API-Key": key})
+        assert ok.status_code == 200 and len(ok.json()["ids"]) == 3
+        assert client.get("/healthz").status_code == 200  # probes stay open
+        # without a feature store, user_id queries are refused clearly
+        no_store = retrieve(client, {"user_id": "u001"}, headers={"X-API-Key": key})
+        assert no_store.status_code == 422 and "--data" in no_store.json()["error"]["message"]
+
+
+def test_answers_are_deterministic_ids_of_the_catalog(
+    client: TestClient, tiny_bundle: Path
+) -> None:
+    catalog = set(load_bundle(tiny_bundle).encoder.item_ids.to_pylist())
+    first = retrieve(client, {"query": QUERY, "k": 40}).json()
+    second = retrieve(client, {"query": QUERY, "k": 40}).json()
+    assert first["ids"] == second["ids"] and set(first["ids"]) <= catalog
+    assert np.allclose(first["scores"], second["scores"])
+    assert pa.array(first["ids"]).type == pa.string()
+
+
+def make_dense_artifacts(root: Path) -> tuple[Path, Path]:
+    """A tiny dataset whose query tower has a dense feature, a random bundle, a Flat index."""
+    from service_fixtures import build_flat_index
+
+    from retrieval.bundle import save_bundle
+    from retrieval.data.dataset import assign_splits, write_dataset
+    from retrieval.encoders import FeatureEncoder
+    from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
+    from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
+
+    rng = np.random.default_rng(0)
+    users = pa.table(
+        {
+            "user_id": [f"u{u}" for u in range(20)],
+            "country": [["fr", "de", "it"][u % 3] for u in range(20)],
+            "age": pa.array([20.0 + u if u % 4 else None for u in range(20)]),
+        }
+    )
+    items = pa.table({"item_id": [f"i{j}" for j in range(50)]})
+    events = pa.table(
+        {
+            "user_id": [f"u{u}" for u in range(20) for _ in range(6)],
+            "item_id": [f"i{int(j)}" for j in rng.integers(0, 50, size=120)],
+            "timestamp": pa.array([t for _ in range(20) for t in range(6)], pa.int64()),
+        }
+    )
+    cat = FeatureKind.CATEGORICAL
+    schema = DatasetSchema(
+        name="dense-tiny",
+        query_features=(
+            FeatureSpec("country", cat, embedding_dim=4),
+            FeatureSpec("age", FeatureKind.DENSE, missing_indicator=True),
+            FeatureSpec(
+                "history", FeatureKind.HISTORY, embedding_dim=8, max_length=4, shared_with="item_id"
+            ),
+        ),
+        item_features=(FeatureSpec("item_id", cat, embedding_dim=8),),
+    )
+    data = write_dataset(
+        root / "data", users, items, assign_splits(events, user_order=users["user_id"]), schema
+    ).path
+    assert data is not None
+    encoder = FeatureEncoder.fit(
+        schema, users, items, assign_splits(events, user_order=users["user_id"])
+    )
+
+    def tower(side: str) -> TowerConfig:
+        return TowerConfig(
+            features=encoder.feature_inputs(side),  # type: ignore[arg-type]
+            cross_layers=1,
+            mlp_hidden=(16,),
+            head_hidden=(),
+            output_dim=8,
+        )
+
+    model = TwoTowerModel(ModelConfig(query=tower("query"), item=tower("item")))
+    bundle = save_bundle(root / "model", model.eval(), encoder, train_config={}, metrics={})
+    index = root / "index"
+    build_flat_index(bundle, data, index)
+    return bundle, index
+
+
+def test_dense_features_nan_is_422(tmp_path: Path) -> None:
+    bundle, index = make_dense_artifacts(tmp_path)
+    settings = ServiceSettings(model_dir=bundle, index_root=index)
+    headers = {"content-type": "application/json"}
+    with TestClient(create_app(settings)) as client:
+        ok = retrieve(client, {"query": {"country": "fr", "age": 31.5, "history": ["i3"]}, "k": 5})
+        assert ok.status_code == 200 and len(ok.json()["ids"]) == 5
+        missing = retrieve(client, {"query": {"age": None}, "k": 5})
+        assert missing.status_code == 200
+        for literal in (b"NaN", b"Infinity", b"-Infinity"):
+            body = b'{"query": {"age": ' + literal + b"}}"
+            response = client.post("/v1/retrieve", content=body, headers=headers)
+            assert response.status_code == 422, literal
+            error = response.json()["error"]
+            assert error["field"] == "query.age" and "finite number" in error["message"]
+        wrong = retrieve(client, {"query": {"age": "31"}})
+        assert wrong.status_code == 422 and "must be a number" in wrong.json()["error"]["message"]
