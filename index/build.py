@@ -493,7 +493,6 @@ def build_index(
     device = resolve_device(options.device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     threads = options.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
-    torch.set_num_threads(threads)
     if rank == 0:
         logger.info(
             "build-index: model=%s data=%s root=%s world=%d device=%s threads=%d options=%s",
@@ -508,6 +507,10 @@ def build_index(
     timings: dict[str, float] = {}
     staging: Path | None = None
     with contextlib.ExitStack() as stack:
+        # thread counts are process-wide: put them back for whoever called us in-process
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        stack.callback(faiss.omp_set_num_threads, faiss.omp_get_max_threads())
+        torch.set_num_threads(threads)
         error: Exception | None = None
         item_ids: pa.Array | None = None
         queries: tuple[FloatArray, str] | None = None

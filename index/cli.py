@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+# faiss logs which CPU-specific library it loaded at INFO, three lines per process
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:

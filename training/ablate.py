@@ -20,7 +20,9 @@ parallel/lowrank variant of the same config; cross/full has no such knob and is 
 unmatched.
 
 Resumable: each run writes ``runs/<variant>/seed<S>/result.json`` when it is done and is
-skipped when that file exists; an interrupted run resumes from its training checkpoint.
+skipped when that file exists (one made with another config or budget is kept, and
+listed in the report: delete its result.json to rerun it); an interrupted run resumes
+from its training checkpoint.
 The report is rebuilt from all result files at the end: ``report.md``, ``report.json``,
 ``recall_at_k.png`` (mean recall@K per variant) and ``recall_vs_flops.png`` (headline
 recall against FLOPs per example). Parameters and FLOPs follow `retrieval.cost`.
@@ -32,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -285,6 +288,7 @@ def run_one(
     started = time.perf_counter()
     # An interrupted run continues from its checkpoint; its times then cover the rest only.
     resumed = (run_dir / "model.ckpt" / "state.json").exists()
+    load_start = os.getloadavg()[0]  # other work on the machine slows the run down
     if (bundle / "manifest.json").exists():
         # Trained, but interrupted before its result was written: reuse the bundle.
         metrics = json.loads((bundle / "metrics.json").read_text())
@@ -317,8 +321,12 @@ def run_one(
         "test": metrics.get("test", {}),
         "test_popularity": metrics.get("test_popularity", {}),
         "train_seconds": metrics.get("train_seconds"),
+        "examples_per_second": (
+            sum(h["examples_per_second"] for h in history) / len(history) if history else None
+        ),
         "wall_seconds": wall,
         "resumed_from_checkpoint": resumed,
+        "load_average": [load_start, os.getloadavg()[0]],  # 1-min, at start and end
         "costs": model_costs(model_config),
         "mlp_hidden": list(config.model.mlp_hidden),
         "rank": config.model.rank,
@@ -533,6 +541,9 @@ def build_report(
         "popularity": {f"recall@{k}": popularity.get(f"recall@{k}") for k in ks},
         "runs": [
             {
+                "test_eval_seconds": r.get("test", {}).get("eval_seconds"),
+            }
+            | {
                 k: r.get(k)
                 for k in (
                     "variant",
@@ -542,6 +553,8 @@ def build_report(
                     "best_epoch",
                     "train_seconds",
                     "wall_seconds",
+                    "examples_per_second",
+                    "load_average",
                     "resumed_from_checkpoint",
                 )
             }
@@ -552,6 +565,10 @@ def build_report(
 
 def _pm(stat: dict[str, Any], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _load(values: Any) -> str:
+    return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
 
 
 def _count(value: int) -> str:
@@ -585,7 +602,8 @@ def format_report_markdown(report: dict[str, Any]) -> str:
             else []
         ),
         f"- Machine: {machine['summary']}; torch {machine['torch']}, "
-        f"{machine['torch_threads']} threads",
+        f"{machine['torch_threads']} threads; the machine was shared with other jobs, so "
+        "times vary with the 1-min load average listed per run (2 = both cores busy)",
         "- Params: all weights, shared id table counted once; dense = all but embedding "
         "tables. FLOPs: forward, per example, query + item tower (`retrieval.cost`).",
         "",
@@ -634,8 +652,8 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| variant | seed | steps | epochs run | best epoch | train s | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | seed | steps | epochs run | best epoch | train s | wall s | load (start, end) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report["runs"]:
         lines.append(
@@ -644,7 +662,7 @@ def format_report_markdown(report: dict[str, Any]) -> str:
             f"| {float(run['train_seconds'] or float('nan')):.1f} "
             f"| {float(run['wall_seconds'] or float('nan')):.1f}"
             + (" (resumed: rest of the run only)" if run.get("resumed_from_checkpoint") else "")
-            + " |"
+            + f" | {_load(run.get('load_average'))} |"
         )
     plots = report.get("plots") or {}
     if plots:

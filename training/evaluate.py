@@ -442,8 +442,6 @@ def evaluate_bundle(
     Returns:
         The JSON-ready report: setup, per-ranker metrics, ANN comparison, timings.
     """
-    import torch
-
     from retrieval.bundle import load_bundle
     from retrieval.data.dataset import load_dataset
     from retrieval.evaluation import build_eval_queries, encode_users_in_encoder_order
@@ -571,7 +569,6 @@ def evaluate_bundle(
         "ann": ann_report,
         "timings": timings,
         "machine": describe_machine(),
-        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -3,6 +3,8 @@ against plain FAISS and brute force on small seeded data."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import pytest
@@ -56,6 +58,7 @@ def test_torch_trained_ivf_flat_is_a_correct_faiss_index() -> None:
     # every vector sits in the list of its max-inner-product centroid
     _, nearest = ivf.quantizer.search(items, 1)
     invlists = ivf.invlists
+    assert invlists is not None
     for lst in range(ivf.nlist):
         size = invlists.list_size(lst)
         ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy()
@@ -75,10 +78,10 @@ def test_torch_trained_compressed_ivf_equals_faiss_training_on_the_same_centroid
     items = clustered(2000)
     index, info = train_and_fill(factory, items, seed=0)
     assert info["engine"].startswith("torch")
-    ours = faiss.downcast_index(index)
+    ours: Any = faiss.downcast_index(index)
     # FAISS itself, given the same coarse centroids (it then skips its own k-means)
     built = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
-    reference = faiss.downcast_index(built)  # a view: `built` must stay alive
+    reference: Any = faiss.downcast_index(built)  # a view: `built` must stay alive
     centroids = ours.quantizer.reconstruct_n(0, ours.nlist)
     reference.quantizer.add(centroids)
     reference.train(items)

