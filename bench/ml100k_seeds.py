@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "ml100k.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ml100k_seeds.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "ml100k_seeds.json"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ml100k-seeds-"))
@@ -43,7 +45,9 @@ def main() -> None:
     base = TrainConfig.load(args.config)
     runs = []
     for seed in args.seeds:
-        result = train(data_dir, work / f"model-{seed}", base.with_overrides(seed=seed), progress=False)
+        result = train(
+            data_dir, work / f"model-{seed}", base.with_overrides(seed=seed), progress=False
+        )
         metrics = result.metrics
         runs.append(
             {
@@ -51,7 +55,9 @@ def main() -> None:
                 "train_seconds": round(metrics["train_seconds"], 1),
                 "best_epoch": metrics["best_epoch"],
                 "model": {f"recall@{k}": metrics["test"][f"recall@{k}"] for k in KS},
-                "popularity": {f"recall@{k}": metrics["test_popularity"][f"recall@{k}"] for k in KS},
+                "popularity": {
+                    f"recall@{k}": metrics["test_popularity"][f"recall@{k}"] for k in KS
+                },
             }
         )
     summary = {}
@@ -65,7 +71,9 @@ def main() -> None:
         }
     result = {
         "benchmark": "ml100k_quality",
-        "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+        "config": str(
+            args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config
+        ),
         "seeds": args.seeds,
         "runs": runs,
         "mean": summary,
@@ -75,7 +83,8 @@ def main() -> None:
     lines = [f"{'':<12}" + "".join(f"{'recall@' + str(k):>16}" for k in KS)]
     for who in ("model", "popularity"):
         cells = "".join(
-            f"{summary[who][f'recall@{k}']['mean']:>9.4f} ± {summary[who][f'recall@{k}']['std']:.3f}" for k in KS
+            f"{summary[who][f'recall@{k}']['mean']:>9.4f} ± {summary[who][f'recall@{k}']['std']:.3f}"
+            for k in KS
         )
         lines.append(f"{who:<12}{cells}")
     lines.append(f"mean training time {result['mean_train_seconds']:.0f}s per seed")
