@@ -43,6 +43,7 @@ from retrieval.index_store import (
     version_path,
     versions_dir,
 )
+from retrieval.urls import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,9 @@ def announce_version(
         finally:
             client.close()
     except Exception as exc:  # redis errors, bad URLs, DNS: never fatal here
-        logger.warning("could not publish version %s on redis %s: %s", version, redis_url, exc)
+        logger.warning(
+            "could not publish version %s on redis %s: %s", version, redact_url(redis_url), exc
+        )
         return None
     logger.info("published %s on redis channel %s (%d receivers)", version, channel, receivers)
     return receivers

@@ -36,6 +36,7 @@ from fastapi import FastAPI
 from retrieval.bundle import ModelBundle, load_bundle
 from retrieval.index_store import PUBLISH_CHANNEL
 from retrieval.towers import export_query_tower
+from retrieval.urls import redact_url
 from service.batcher import MicroBatcher
 from service.cache import ResponseCache
 from service.dependencies import Services
@@ -51,7 +52,7 @@ from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
 from service.middleware import AdmissionLimiter, BodySizeLimitMiddleware, MetricsMiddleware
 from service.query import QueryFeatures, QuerySchema, encode_queries
-from service.redis_link import RedisLink, RedisUnavailableError, make_client, redact_url
+from service.redis_link import RedisLink, RedisUnavailableError, make_client
 from service.retriever import RetrievalJob, Retriever
 from service.routes import health, info, retrieve
 from service.settings import ServiceSettings

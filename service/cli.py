@@ -71,9 +71,9 @@ def run_features_push(args: argparse.Namespace) -> int:
     import redis
 
     from retrieval.features import DatasetSchema
+    from retrieval.urls import redact_url
     from service.feature_store import push_features
     from service.query import QuerySchema
-    from service.redis_link import redact_url
 
     model_version = None
     if args.model is not None:

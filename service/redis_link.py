@@ -33,21 +33,6 @@ class RedisUnavailableError(RuntimeError):
     """Redis failed or is marked down; the message says which (no secrets: no URL)."""
 
 
-def redact_url(url: str) -> str:
-    """`url` without its password, for logs.
-
-    >>> redact_url("redis://user:secret@host:6379/0")
-    'redis://user:***@host:6379/0'
-    """
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def make_client(
     url: str,
     *,

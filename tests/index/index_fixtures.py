@@ -7,6 +7,7 @@ the index job only needs the towers to be deterministic). Each item has a distin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,22 @@ def write_catalog_variant(src: Path, dst: Path, items: pa.Table) -> Path:
             (dst / path.name).write_bytes(path.read_bytes())
     pq.write_table(items, dst / "items.parquet")
     return dst
+
+
+WORLD_SIZE = 2
+
+
+def sharded_rank_main(rank: int, port: int, args: list[str], out_dir: str) -> None:
+    """One torchrun-like rank (module level so spawned children can import it): the environment torchrun sets, then the module's main."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from index.cli import main
+
+    code = main(args)
+    Path(out_dir, f"rank{rank}.rc").write_text(str(code))

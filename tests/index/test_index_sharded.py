@@ -3,40 +3,22 @@ builds the same index as the single-process job."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
+from index_fixtures import WORLD_SIZE, sharded_rank_main
 
 from index.build import BuildOptions, build_index
 from retrieval.index_store import load_index_version, read_current
-
-WORLD_SIZE = 2
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _rank_main(rank: int, port: int, args: list[str], out_dir: str) -> None:
-    """One torchrun-like rank: the environment torchrun sets, then the module's main."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    from index.cli import main
-
-    code = main(args)
-    Path(out_dir, f"rank{rank}.rc").write_text(str(code))
 
 
 def test_two_process_build_equals_single_process_build(
@@ -49,7 +31,9 @@ def test_two_process_build_equals_single_process_build(
     sharded_root = tmp_path / "sharded"
     args = [*common, "--out", str(sharded_root), "--batch-size", "100", "--recall-queries", "40"]
     args += ["--threads", "1"]
-    mp.spawn(_rank_main, args=(_free_port(), args, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        sharded_rank_main, args=(_free_port(), args, str(tmp_path)), nprocs=WORLD_SIZE, join=True
+    )
     assert [Path(tmp_path, f"rank{r}.rc").read_text() for r in range(WORLD_SIZE)] == ["0", "0"]
 
     a = load_index_version(tmp_path / "single")

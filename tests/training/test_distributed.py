@@ -3,16 +3,22 @@ gloo group on CPU checked against the single-process loss and gradients."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ddp_workers import (
+    DIM,
+    GLOBAL_ITEM_IDS,
+    LOCAL_BATCH,
+    WORLD_SIZE,
+    gather_worker,
+    global_batch,
+    make_task,
+)
 
-from retrieval.loss import RetrievalTask
-from training import distributed
 from training.distributed import (
     all_gather_sizes,
     gather_with_grad,
@@ -22,24 +28,6 @@ from training.distributed import (
     teardown,
     world_size,
 )
-
-WORLD_SIZE = 2
-LOCAL_BATCH = 3
-DIM = 4
-# Item ids with repeats across ranks (accidental hits span the global pool).
-GLOBAL_ITEM_IDS = torch.tensor([0, 3, 3, 1, 0, 2])
-ITEM_COUNTS = torch.tensor([3.0, 1.0, 1.0, 2.0])
-
-
-def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    query = torch.randn(WORLD_SIZE * LOCAL_BATCH, DIM, generator=gen)
-    items = torch.randn(WORLD_SIZE * LOCAL_BATCH, DIM, generator=gen)
-    return query, items
-
-
-def _task() -> RetrievalTask:
-    return RetrievalTask(temperature=0.2, item_frequencies=ITEM_COUNTS, mask_accidental_hits=True)
 
 
 def test_single_process_helpers_are_identities(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,59 +42,6 @@ def test_single_process_helpers_are_identities(monkeypatch: pytest.MonkeyPatch) 
         setup_from_env(backend="mpi-typo")
 
 
-def _worker(local_rank: int, port: int, out_dir: str) -> None:
-    """One rank: join through the env vars torchrun would set, run the checks, save results."""
-    os.environ.update(
-        RANK=str(local_rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    assert setup_from_env() is True
-    assert distributed.is_distributed() and rank() == local_rank and world_size() == WORLD_SIZE
-    rows = slice(local_rank * LOCAL_BATCH, (local_rank + 1) * LOCAL_BATCH)
-
-    # 1. Loss on the global candidate pool: local queries, gathered items and ids.
-    query_all, items_all = _global_batch()
-    query = query_all[rows].clone().requires_grad_(True)
-    items = items_all[rows].clone().requires_grad_(True)
-    pool = gather_with_grad(items)  # (W * B, D)
-    pool_ids = gather_with_grad(GLOBAL_ITEM_IDS[rows].clone())
-    loss = _task().loss(query, pool, pool_ids, positive_offset=local_rank * LOCAL_BATCH)
-    loss.backward()
-
-    # 2. Gradient routing: rank r weights the gathered rows by (r + 1) * base.
-    base = torch.arange(WORLD_SIZE * 2 * 3, dtype=torch.float32).view(WORLD_SIZE * 2, 3)
-    grads = {}
-    for sync in (False, True):
-        x = torch.full((2, 3), float(local_rank), requires_grad=True)
-        gathered = gather_with_grad(x, sync_grads=sync)
-        (gathered * base * (local_rank + 1)).sum().backward()
-        assert x.grad is not None
-        grads[sync] = (gathered.detach(), x.grad)
-
-    # 3. Uneven row counts (a short last batch): rank 0 has 3 rows, rank 1 has 2.
-    uneven = gather_with_grad(torch.full((3 - local_rank, 2), float(local_rank)))
-
-    torch.save(
-        {
-            "pool_shape": tuple(pool.shape),
-            "pool": pool.detach(),
-            "pool_ids": pool_ids,
-            "loss": loss.detach(),
-            "query_grad": query.grad,
-            "items_grad": items.grad,
-            "grads": grads,
-            "sizes": all_gather_sizes(3 - local_rank),
-            "uneven": uneven,
-        },
-        Path(out_dir) / f"rank{local_rank}.pt",
-    )
-    teardown()
-    assert not is_distributed()
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,14 +51,14 @@ def _free_port() -> int:
 @pytest.mark.timeout(120)
 def test_gather_with_grad_in_a_two_process_gloo_group(tmp_path: Path) -> None:
     mp.start_processes(
-        _worker,
+        gather_worker,
         args=(_free_port(), str(tmp_path)),
         nprocs=WORLD_SIZE,
         join=True,
         start_method="spawn",
     )
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    query_all, items_all = _global_batch()
+    query_all, items_all = global_batch()
 
     # The gathered pool has world_size * B rows, in rank order.
     for result in results:
@@ -134,7 +69,7 @@ def test_gather_with_grad_in_a_two_process_gloo_group(tmp_path: Path) -> None:
     # Single-process reference on the concatenated batch.
     query_ref = query_all.clone().requires_grad_(True)
     items_ref = items_all.clone().requires_grad_(True)
-    loss_ref = _task().loss(query_ref, items_ref, GLOBAL_ITEM_IDS)
+    loss_ref = make_task().loss(query_ref, items_ref, GLOBAL_ITEM_IDS)
     loss_ref.backward()
     assert query_ref.grad is not None and items_ref.grad is not None
     # DDP averages the rank losses (and gradients): the mean equals the global mean loss.
