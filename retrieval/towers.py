@@ -213,13 +213,18 @@ class FeatureEmbedding(nn.Module):
             if feature.kind == FeatureKind.DENSE:
                 parts.append(values)  # (B, width)
                 continue
-            weight = cast(torch.Tensor, self.tables[feature.name].weight)
+            table = cast(nn.Embedding, self.tables[feature.name])
+            weight, sparse = table.weight, table.sparse  # sparse: row-wise grads (SparseAdam)
             if feature.kind in SINGLE_KINDS:
-                parts.append(F.embedding(values, weight, padding_idx=PAD_INDEX))  # (B, dim)
+                parts.append(
+                    F.embedding(values, weight, padding_idx=PAD_INDEX, sparse=sparse)
+                )  # (B, dim)
             else:
                 # Mean over the non-PAD entries of each row; an all-PAD row gives zeros.
                 parts.append(
-                    F.embedding_bag(values, weight, mode="mean", padding_idx=PAD_INDEX)
+                    F.embedding_bag(
+                        values, weight, mode="mean", padding_idx=PAD_INDEX, sparse=sparse
+                    )
                 )  # (B, dim)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, d)
 

@@ -222,3 +222,17 @@ def test_two_process_ddp_gathers_negatives_across_ranks(tiny_dataset: Path, tmp_
     # Each rank scores its 32 queries against both ranks' 32 items.
     assert metrics["candidates_per_step"] == 2 * 32
     assert np.isfinite(metrics["history"][0]["train_loss"])
+
+
+def test_sparse_embeddings_train_with_sparse_adam(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(epochs=3, sparse_embeddings=True)
+    result = train(tiny_dataset, tmp_path / "m", config, progress=False)
+    losses = [h["train_loss"] for h in result.metrics["history"]]
+    assert losses[-1] < losses[0]
+    model = trainer.TwoTowerModel(
+        trainer.build_model_config(load_bundle(tmp_path / "m").encoder, config)
+    )
+    trainer.enable_sparse_embeddings(model)
+    task = trainer.RetrievalTask(temperature=0.1, logq_correction=False)
+    optimizers = trainer.build_optimizers(model, task, config)
+    assert [type(o).__name__ for o in optimizers] == ["AdamW", "SparseAdam"]
