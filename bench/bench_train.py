@@ -44,6 +44,8 @@ def main() -> None:
         data_dir = Path(tempfile.mkdtemp()) / "ml-100k"
         prepare_movielens(data_dir, "ml-100k")
     config = TrainConfig.load(args.config).with_overrides(batch_size=args.batch_size)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     torch.manual_seed(0)
     data = prepare_data(data_dir, config)
     model = TwoTowerModel(build_model_config(data.encoder, config))
