@@ -733,7 +733,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     plt.close(fig)
     paths["recall@K per variant"] = str(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for index, entry in enumerate(variants):
         stat = entry[headline]
         flops = entry["costs"]["flops"]
