@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from retrieval.atomic import atomic_directory
+from retrieval.atomic import atomic_directory, sha256_file
 from retrieval.encoders import FeatureEncoder
 from retrieval.towers import ModelConfig, TwoTowerModel
 
@@ -42,14 +42,6 @@ ENCODERS_DIR = "encoders"
 
 class BundleError(ValueError):
     """A bundle is missing, incomplete, tampered with or of an unknown format."""
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _bundle_files(root: Path) -> list[Path]:

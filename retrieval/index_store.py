@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -53,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from retrieval.atomic import TMP_PREFIX, atomic_directory
+from retrieval.atomic import TMP_PREFIX, atomic_directory, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +143,6 @@ def version_path(root: str | Path, version: str) -> Path:
 
 
 # --------------------------------------------------------------------------- manifest, checks
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index_manifest(path: str | Path) -> dict[str, Any]:
