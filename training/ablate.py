@@ -600,6 +600,9 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         "best-valid-epoch weights tested)",
         "- Metric: exact full-catalog test recall@K (context items excluded), mean ± sample "
         f"std over {len(setup['seeds'])} seed(s); headline {setup['headline']}",
+        "- Config: every run is `setup.base_config` of report.json with the variant's "
+        "`model.arrangement`/`model.cross`, the seed and the budget applied (its own full "
+        "config is in `runs/<variant>/seed<S>/result.json`)",
         f"- Parameter matching (`--match-params`): {'on' if setup['match_params'] else 'off'}",
         *(
             [f"- **Warning**: runs made with another config were kept: {stale}"]

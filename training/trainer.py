@@ -109,12 +109,14 @@ def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelCon
     section = config.model
 
     def tower(side: str) -> TowerConfig:
+        features = encoder.feature_inputs(side)  # type: ignore[arg-type]
+        input_dim = sum(f.output_dim for f in features)
         return TowerConfig(
-            features=encoder.feature_inputs(side),  # type: ignore[arg-type]
+            features=features,
             arrangement=section.arrangement,  # type: ignore[arg-type]
             cross_kind=section.cross,  # type: ignore[arg-type]
             cross_layers=section.cross_layers,
-            rank=section.rank,
+            rank=min(section.rank, input_dim),  # a rank above the input width is clipped
             num_experts=section.num_experts,
             mlp_hidden=section.mlp_hidden,
             head_hidden=section.head_hidden,
@@ -123,11 +125,7 @@ def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelCon
             layer_norm=section.layer_norm,
         )
 
-    query, item = tower("query"), tower("item")
-    # A rank larger than a tower's input width is clipped to it (documented in the config).
-    query = dataclasses.replace(query, rank=min(query.rank, query.input_dim))
-    item = dataclasses.replace(item, rank=min(item.rank, item.input_dim))
-    return ModelConfig(query=query, item=item, seed=config.seed)
+    return ModelConfig(query=tower("query"), item=tower("item"), seed=config.seed)
 
 
 @dataclass

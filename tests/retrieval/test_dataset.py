@@ -480,3 +480,20 @@ def test_cli_synth_rejects_non_positive_sizes(capsys: pytest.CaptureFixture[str]
         main(["data", "synth", "--items", "0", "--users", "1", "--interactions", "1"])
     assert exc.value.code == 2
     assert "--items: must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_written_files_are_readable_by_others(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    from retrieval.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "CURRENT", "v1\n")
+        with atomic_directory(tmp_path / "artifact") as tmp:
+            (tmp / "a.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "CURRENT").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "artifact").stat().st_mode) == 0o755

@@ -3,12 +3,12 @@ and the context data both baselines are fitted on."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from scipy.sparse import csr_matrix
 
 from retrieval.bundle import load_bundle
 from retrieval.data.dataset import load_dataset
@@ -29,6 +29,11 @@ needs_implicit = pytest.mark.skipif(
     not baselines.implicit_available(),
     reason="the optional `implicit` library (extra `cf`) is not installed",
 )
+# scipy comes with `implicit` (extra `cf`); the sparse context matrix needs it.
+needs_scipy = pytest.mark.skipif(
+    importlib.util.find_spec("scipy") is None,
+    reason="scipy (installed with the optional extra `cf`) is not installed",
+)
 
 
 @needs_implicit
@@ -43,6 +48,8 @@ def test_als_ranks_the_co_consumed_item_first() -> None:
         items += [2 * pair, 2 * pair + 1]
     users.append(40)
     items.append(2)
+    from scipy.sparse import csr_matrix
+
     matrix = csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(41, 8))
     user_factors, item_factors = fit_als(
         matrix, ALSParams(factors=8, regularization=0.01, alpha=10.0, iterations=15), seed=0
@@ -55,9 +62,10 @@ def test_als_ranks_the_co_consumed_item_first() -> None:
 def test_fit_als_without_implicit_raises_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(baselines, "implicit_available", lambda: False)
     with pytest.raises(baselines.BaselineUnavailable, match="pip install"):
-        fit_als(csr_matrix((2, 2), dtype=np.float32), ALSParams())
+        fit_als(None, ALSParams())  # refused before the matrix is looked at
 
 
+@needs_scipy
 def test_context_is_train_for_valid_and_train_plus_valid_for_test(
     tiny_bundle: Path, tiny_dataset: Path
 ) -> None:

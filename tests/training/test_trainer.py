@@ -236,3 +236,10 @@ def test_sparse_embeddings_train_with_sparse_adam(tiny_dataset: Path, tmp_path: 
     task = trainer.RetrievalTask(temperature=0.1, logq_correction=False)
     optimizers = trainer.build_optimizers(model, task, config)
     assert [type(o).__name__ for o in optimizers] == ["AdamW", "SparseAdam"]
+
+
+def test_rank_above_the_tower_width_is_clipped(tiny_bundle: Path) -> None:
+    encoder = load_bundle(tiny_bundle).encoder
+    config = trainer.build_model_config(encoder, tiny_train_config(model={"rank": 10_000}))
+    assert config.query.rank == config.query.input_dim
+    assert config.item.rank == config.item.input_dim
