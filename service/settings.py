@@ -117,7 +117,7 @@ class ServiceSettings(BaseSettings):
         default=1,
         ge=1,
         le=256,
-        description="OpenMP threads of FAISS searches (process-wide: applied by `retrieval serve`).",
+        description="OpenMP threads of FAISS searches (applied on the batch worker thread).",
     )
     query_tower_mode: Literal["auto", "eager", "trace"] = Field(
         default="auto", description="How the query tower is prepared (`export_query_tower`)."
