@@ -1,6 +1,7 @@
 """`create_app(settings)`: the FastAPI application, its lifespan and its middlewares.
 
-The lifespan loads everything once, before the first request is accepted:
+The lifespan loads everything once (`retrieval serve` does it in a background task, so
+the server answers /healthz during a cold start while /readyz says 503):
 
 1. the model bundle (checksums verified) and its query tower, exported for serving
    (`export_query_tower`; a traced tower is compared with the eager one first);
@@ -51,6 +52,7 @@ from service.feature_store import (
 from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
 from service.middleware import AdmissionLimiter, BodySizeLimitMiddleware, MetricsMiddleware
+from service.openapi import install_openapi
 from service.query import QueryFeatures, QuerySchema, encode_queries
 from service.redis_link import RedisLink, RedisUnavailableError, make_client
 from service.retriever import RetrievalJob, Retriever
@@ -111,7 +113,13 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
         store = InProcessFeatureStore.from_dataset(
             settings.data_dir, list(schema.columns), schema.history_length
         )
-    retriever = Retriever(bundle.encoder, schema, embed, lambda: manager.current)
+    retriever = Retriever(
+        bundle.encoder,
+        schema,
+        embed,
+        lambda: manager.current,
+        faiss_threads=settings.faiss_threads,
+    )
     # Warm-up: builds the lazy id lookups and touches the index before the first request.
     warm = retriever.run_batch([RetrievalJob(features=QueryFeatures({}), k=10)])
     if isinstance(warm[0], BaseException):
@@ -274,18 +282,49 @@ async def stop_services(services: Services) -> None:
     logger.info("service stopped")
 
 
-def create_app(settings: ServiceSettings) -> FastAPI:
-    """The application; model and index load in its lifespan (see the module docstring)."""
+async def load_services(app: FastAPI, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+    """`start_services` as a background task: sets `app.state.services`, or `load_error`."""
+    try:
+        app.state.services = await start_services(settings, metrics)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.exception("the model and index could not be loaded; the service stops")
+        app.state.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -> FastAPI:
+    """The application; model and index load in its lifespan (see the module docstring).
+
+    With `load_in_background` (what `retrieval serve` does) the lifespan returns at once
+    and the loading runs as a task: the server listens during a cold start, ``/healthz``
+    answers 200 and ``/readyz`` (and every /v1 route) 503 until the loading is done. A
+    failed loading is logged and kept in ``app.state.load_error``; ``/healthz`` then
+    answers 503 and `service.server.ServiceServer` stops the process.
+    """
     metrics = ServiceMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await start_services(settings, metrics)
-        app.state.services = services
+        if not load_in_background:
+            app.state.services = await start_services(settings, metrics)
+        loading = (
+            asyncio.get_running_loop().create_task(
+                load_services(app, settings, metrics), name="load-services"
+            )
+            if load_in_background
+            else None
+        )
         try:
             yield
         finally:
-            await stop_services(services)
+            if loading is not None:
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            services: Services | None = getattr(app.state, "services", None)
+            if services is not None:
+                await stop_services(services)
 
     app = FastAPI(
         title="Two-tower retrieval",
@@ -297,6 +336,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.services = None
+    app.state.load_error = None
+    install_openapi(app, settings)
     install_error_handlers(app)
     app.include_router(retrieve.router)
     app.include_router(info.router)

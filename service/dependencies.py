@@ -11,9 +11,10 @@ import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader
 
 from retrieval.bundle import ModelBundle
 from service.batcher import MicroBatcher
@@ -81,11 +82,21 @@ async def get_limiter(request: Request) -> AdmissionLimiter:
     return (await get_services(request)).limiter
 
 
-async def require_api_key(request: Request) -> None:
+# Declared in the OpenAPI document (a security scheme on every /v1 route); checked below,
+# not by FastAPI, so a missing key gets the same 401 body as a wrong one.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="Required on /v1/* when the service is started with RETRIEVAL_API_KEY.",
+)
+
+
+async def require_api_key(
+    request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)] = None
+) -> None:
     """401 unless `X-API-Key` matches the configured key (constant-time comparison)."""
     expected = (await get_settings(request)).api_key
     if expected is None:
         return
-    given = request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    if not hmac.compare_digest((given or "").encode(), expected.get_secret_value().encode()):
         raise UnauthorizedError("missing or invalid API key")

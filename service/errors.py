@@ -175,6 +175,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
+            return error_response(
+                InvalidRequestError(f"request body is not valid JSON: {exc.detail}", field="body")
+            )
         error = ServiceError(str(exc.detail))
         error.status_code = exc.status_code
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(

@@ -136,6 +136,8 @@ def _scalar_text(value: Any, field: str) -> str | None:
         return "true" if value else "false"  # what Arrow's bool -> string cast gives
     if _is_int(value):
         return str(value)
+    if type(value) is float and value.is_integer():
+        return str(int(value))  # JSON has one number type: 7.0 is the integer 7
     if isinstance(value, str):
         if len(value) > MAX_TOKEN_CHARS:
             raise InvalidRequestError(
@@ -189,7 +191,10 @@ def _check_value(spec: FeatureSpec, value: Any, field: str) -> Any:
                 f"{_short(value)}",
                 field=field,
             )
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
         if not math.isfinite(number):
             raise InvalidRequestError(
                 f"`{field}` (dense) must be a finite number (send null for a missing value); "
@@ -216,9 +221,8 @@ def normalize_history(
         raise InvalidRequestError(
             f"`{field}` must hold at most {max_items} item ids; got {len(history)}", field=field
         )
-    kept = history[: schema.history_length]
     ids = []
-    for i, item in enumerate(kept):
+    for i, item in enumerate(history):  # every id is checked; the tower reads the first N
         if type(item) is str and len(item) <= MAX_TOKEN_CHARS:  # the common case, fast
             ids.append(item)
             continue
@@ -226,7 +230,7 @@ def normalize_history(
         if text is None:
             raise InvalidRequestError(f"`{field}[{i}]` must be an item id; got null", field=field)
         ids.append(text)
-    return tuple(ids)
+    return tuple(ids[: schema.history_length])
 
 
 def normalize_query(

@@ -1,5 +1,9 @@
 """Running the app under uvicorn with a graceful shutdown whose first step is readiness.
 
+The app loads its model and index in the background (`create_app(load_in_background=True)`):
+the socket is open during a cold start; when the loading fails the server stops and
+`serve` raises `CommandError` (exit status 2).
+
 On SIGTERM/SIGINT, `ServiceServer` marks the service as draining (``/readyz`` answers
 503 at once), keeps serving for `shutdown_drain_s` so load balancers stop routing to it,
 then lets uvicorn stop: it closes the listening socket, waits up to `graceful_timeout_s`
@@ -36,6 +40,11 @@ class ServiceServer(uvicorn.Server):
         if services is not None:
             services.draining = True
 
+    async def on_tick(self, counter: int) -> bool:
+        if getattr(self.app.state, "load_error", None) is not None:
+            return True  # the background loading failed: nothing to serve, stop
+        return await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled or self.drain_s <= 0:
             self.mark_draining()
@@ -67,6 +76,12 @@ def serve(settings: ServiceSettings) -> None:
     """Build the app and run it until a signal stops it."""
     from service.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, load_in_background=True)
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
     server.run()
+    if app.state.load_error is not None:
+        from retrieval.cli import CommandError
+
+        raise CommandError(
+            f"the service could not load its model and index: {app.state.load_error}"
+        )

@@ -14,9 +14,15 @@ from service.metrics import ServiceMetrics
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers (503 only when the model or index failed to load)",
+    responses={503: {"description": "the model or index failed to load; the process stops"}},
+)
+async def healthz(request: Request) -> Response:
+    if getattr(request.app.state, "load_error", None) is not None:
+        return JSONResponse({"status": "failed", "reason": "model or index failed to load"}, 503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get(

@@ -7,11 +7,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from service.dependencies import Services, get_services, require_api_key
+from service.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["retrieval"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("/info", summary="Model and index versions, catalog size, query schema")
+@router.get(
+    "/info",
+    summary="Model and index versions, catalog size, query schema",
+    responses={
+        401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+        503: {"model": ErrorResponse, "description": "the model and index are not loaded yet"},
+    },
+)
 async def info(services: Annotated[Services, Depends(get_services)]) -> dict[str, Any]:
     settings = services.settings
     manager = services.index_manager

@@ -106,15 +106,77 @@ def set_current(root: Path, name: str) -> None:
     tmp.replace(root / CURRENT_FILE)
 
 
+def make_dense_artifacts(root: Path) -> tuple[Path, Path]:
+    """A tiny dataset whose query tower has a dense feature, a random bundle, a Flat index."""
+    from retrieval.bundle import save_bundle
+    from retrieval.data.dataset import assign_splits, write_dataset
+    from retrieval.encoders import FeatureEncoder
+    from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
+    from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
+
+    rng = np.random.default_rng(0)
+    users = pa.table(
+        {
+            "user_id": [f"u{u}" for u in range(20)],
+            "country": [["fr", "de", "it"][u % 3] for u in range(20)],
+            "age": pa.array([20.0 + u if u % 4 else None for u in range(20)]),
+        }
+    )
+    items = pa.table({"item_id": [f"i{j}" for j in range(50)]})
+    events = pa.table(
+        {
+            "user_id": [f"u{u}" for u in range(20) for _ in range(6)],
+            "item_id": [f"i{int(j)}" for j in rng.integers(0, 50, size=120)],
+            "timestamp": pa.array([t for _ in range(20) for t in range(6)], pa.int64()),
+        }
+    )
+    cat = FeatureKind.CATEGORICAL
+    schema = DatasetSchema(
+        name="dense-tiny",
+        query_features=(
+            FeatureSpec("country", cat, embedding_dim=4),
+            FeatureSpec("age", FeatureKind.DENSE, missing_indicator=True),
+            FeatureSpec(
+                "history", FeatureKind.HISTORY, embedding_dim=8, max_length=4, shared_with="item_id"
+            ),
+        ),
+        item_features=(FeatureSpec("item_id", cat, embedding_dim=8),),
+    )
+    data = write_dataset(
+        root / "data", users, items, assign_splits(events, user_order=users["user_id"]), schema
+    ).path
+    assert data is not None
+    encoder = FeatureEncoder.fit(
+        schema, users, items, assign_splits(events, user_order=users["user_id"])
+    )
+
+    def tower(side: str) -> TowerConfig:
+        return TowerConfig(
+            features=encoder.feature_inputs(side),  # type: ignore[arg-type]
+            cross_layers=1,
+            mlp_hidden=(16,),
+            head_hidden=(),
+            output_dim=8,
+        )
+
+    model = TwoTowerModel(ModelConfig(query=tower("query"), item=tower("item")))
+    bundle = save_bundle(root / "model", model.eval(), encoder, train_config={}, metrics={})
+    index = root / "index"
+    build_flat_index(bundle, data, index)
+    return bundle, index
+
+
 # --------------------------------------------------------------------------- live server
 
 
 class LiveServer:
-    """The real app under a real uvicorn on 127.0.0.1:<free port>, in a thread."""
+    """The real app under a real uvicorn on 127.0.0.1:<free port>, in a thread, loading its
+    model and index in the background as `retrieval serve` does; `start` waits until it is
+    ready unless `wait_ready` is false."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, load_in_background=True)
         config = uvicorn_config(self.app, settings, log_level="warning")
         self.server = ServiceServer(config, self.app, settings.shutdown_drain_s)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
@@ -127,12 +189,18 @@ class LiveServer:
     def services(self) -> Any:
         return self.app.state.services
 
-    def start(self) -> LiveServer:
+    def start(self, wait_ready: bool = True) -> LiveServer:
         self.thread.start()
         if not wait_until(lambda: self.server.started or not self.thread.is_alive(), 60):
             raise RuntimeError("uvicorn did not start")
         if not self.server.started:
             raise RuntimeError("uvicorn failed to start (see the log)")
+        if wait_ready:
+            state = self.app.state
+            wait_until(lambda: state.services is not None or state.load_error is not None, 60)
+            if state.services is None:
+                self.stop()
+                raise RuntimeError(f"the service did not load: {state.load_error}")
         return self
 
     def stop(self) -> None:

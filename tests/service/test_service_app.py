@@ -14,6 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from service_fixtures import make_dense_artifacts
 
 from retrieval.bundle import load_bundle
 from retrieval.index_store import load_index_version
@@ -304,68 +305,6 @@ def test_answers_are_deterministic_ids_of_the_catalog(
     assert first["ids"] == second["ids"] and set(first["ids"]) <= catalog
     assert np.allclose(first["scores"], second["scores"])
     assert pa.array(first["ids"]).type == pa.string()
-
-
-def make_dense_artifacts(root: Path) -> tuple[Path, Path]:
-    """A tiny dataset whose query tower has a dense feature, a random bundle, a Flat index."""
-    from service_fixtures import build_flat_index
-
-    from retrieval.bundle import save_bundle
-    from retrieval.data.dataset import assign_splits, write_dataset
-    from retrieval.encoders import FeatureEncoder
-    from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
-    from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
-
-    rng = np.random.default_rng(0)
-    users = pa.table(
-        {
-            "user_id": [f"u{u}" for u in range(20)],
-            "country": [["fr", "de", "it"][u % 3] for u in range(20)],
-            "age": pa.array([20.0 + u if u % 4 else None for u in range(20)]),
-        }
-    )
-    items = pa.table({"item_id": [f"i{j}" for j in range(50)]})
-    events = pa.table(
-        {
-            "user_id": [f"u{u}" for u in range(20) for _ in range(6)],
-            "item_id": [f"i{int(j)}" for j in rng.integers(0, 50, size=120)],
-            "timestamp": pa.array([t for _ in range(20) for t in range(6)], pa.int64()),
-        }
-    )
-    cat = FeatureKind.CATEGORICAL
-    schema = DatasetSchema(
-        name="dense-tiny",
-        query_features=(
-            FeatureSpec("country", cat, embedding_dim=4),
-            FeatureSpec("age", FeatureKind.DENSE, missing_indicator=True),
-            FeatureSpec(
-                "history", FeatureKind.HISTORY, embedding_dim=8, max_length=4, shared_with="item_id"
-            ),
-        ),
-        item_features=(FeatureSpec("item_id", cat, embedding_dim=8),),
-    )
-    data = write_dataset(
-        root / "data", users, items, assign_splits(events, user_order=users["user_id"]), schema
-    ).path
-    assert data is not None
-    encoder = FeatureEncoder.fit(
-        schema, users, items, assign_splits(events, user_order=users["user_id"])
-    )
-
-    def tower(side: str) -> TowerConfig:
-        return TowerConfig(
-            features=encoder.feature_inputs(side),  # type: ignore[arg-type]
-            cross_layers=1,
-            mlp_hidden=(16,),
-            head_hidden=(),
-            output_dim=8,
-        )
-
-    model = TwoTowerModel(ModelConfig(query=tower("query"), item=tower("item")))
-    bundle = save_bundle(root / "model", model.eval(), encoder, train_config={}, metrics={})
-    index = root / "index"
-    build_flat_index(bundle, data, index)
-    return bundle, index
 
 
 def test_dense_features_nan_is_422(tmp_path: Path) -> None:
