@@ -109,14 +109,21 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         raise
 
 
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete leftovers of interrupted atomic writes in `directory`; return what was removed."""
+def remove_stale_temporaries(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Delete leftovers of interrupted atomic writes in `directory`; return what was removed.
+
+    Args:
+        directory: where the interrupted writes happened.
+        name: only the leftovers of writes of `directory/name` (`atomic_directory` and
+            `atomic_write_bytes` temporaries: ``.tmp-<name>.*``); default: every one.
+    """
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
+    prefix = TMP_PREFIX if name is None else f"{TMP_PREFIX}{name}."
     for entry in directory.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(prefix):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

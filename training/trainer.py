@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from retrieval.atomic import atomic_directory, atomic_write_text
+from retrieval.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
 from retrieval.bundle import save_bundle
 from retrieval.data.dataset import Dataset, load_dataset
 from retrieval.data.split import TRAIN
@@ -362,6 +362,11 @@ def train(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     world, rank = dist_utils.world_size(), dist_utils.rank()
+    if rank == 0:  # leftovers of a run killed while it wrote its bundle or a checkpoint
+        for stale in remove_stale_temporaries(out.parent, out.name) + remove_stale_temporaries(
+            ckpt.parent, ckpt.name
+        ):
+            logger.info("removed leftover of an interrupted run: %s", stale)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     logger.info("resolved config: %s", json.dumps(config.to_dict(), default=str))
