@@ -10,16 +10,18 @@ What it does, top to bottom:
 
 1. artifacts (kept in ``--workdir`` and reused when present): a synthetic catalog
    (``retrieval data synth --items N --users 20000 --interactions 400000 --seed 0``), a
-   quickly trained model (``retrieval train --epochs 1 --max-steps 50``, its own test
-   evaluation on 1000 sampled users) and its index
+   model trained for one epoch with ``configs/synth.yaml`` (its own validation and test
+   evaluation on 1000 sampled users; a trained model's embeddings cluster like a
+   production model's, which is what the IVF index's cost depends on) and its index
    (``retrieval build-index``, default factory for the size, recall gate included);
 2. queries: inline query bodies (each user's stored features and last-N history, exactly
    what the feature store holds) for a fixed sample of users, ``k = --k`` (1000);
-3. the service (``retrieval serve``, a uvicorn subprocess on 127.0.0.1) and an async
-   httpx load generator in this process, on the same machine: closed loop at each
+3. the service (``retrieval serve``, a uvicorn subprocess on 127.0.0.1) and the lean
+   asyncio load generator of ``bench/loadgen.py`` in this process, on the same machine: closed loop at each
    ``--concurrency`` level, then open loop at each ``--rate`` (requests are timed from
    their scheduled send time, so queueing counts); p50/p95/p99/mean latency, QPS, errors,
-   and the mean micro-batch size the server saw (from /metrics);
+   the mean micro-batch size the server saw (from /metrics) and the server's CPU time per
+   request (from /proc);
 4. correctness beside the speed: the service's ids for a sample of queries compared with
    the same queries run in process (identical lists expected), and the index's recall@k
    against exact search recorded by the build;
@@ -51,8 +53,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen
 from common import emit, machine
 
+REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 600.0
 
 
@@ -110,14 +114,15 @@ def ensure_artifacts(args: argparse.Namespace) -> tuple[Path, Path, Path, dict[s
             timings,
         )  # fmt: skip
     if not (model / "manifest.json").is_file():
-        # A quick model: 50 steps; its own evaluation on a 1000-user sample (all 20k users
+        # One epoch of configs/synth.yaml, evaluated on a 1000-user sample (all 20k users
         # against 1M items would take longer than the whole benchmark).
         config = work / "bench-train.yaml"
-        config.write_text("eval:\n  max_users: 1000\n")
+        synth = (REPO / "configs" / "synth.yaml").read_text()
+        config.write_text(re.sub(r"max_users: \d+", "max_users: 1000", synth))
         run_stage(
             "train",
             [*cli, "train", "--data", str(data), "--out", str(model), "--config", str(config),
-             "--epochs", "1", "--max-steps", "50", "--no-progress"],
+             "--no-progress"],
             timings,
         )  # fmt: skip
     if not (index / "CURRENT").is_file():
@@ -214,122 +219,28 @@ def batch_counters(url: str) -> tuple[float, float]:
 # --------------------------------------------------------------------------- load
 
 
-def summarize(latencies_s: list[float], seconds: float, errors: int) -> dict[str, Any]:
-    if not latencies_s:
-        return {"requests": 0, "errors": errors}
-    ms = np.asarray(latencies_s) * 1000
-    return {
-        "requests": len(ms),
-        "errors": errors,
-        "qps": round(len(ms) / seconds, 1),
-        "mean_ms": round(float(ms.mean()), 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p95_ms": round(float(np.percentile(ms, 95)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "max_ms": round(float(ms.max()), 2),
-    }
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def closed_loop(
-    url: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float
+def run_load(
+    url: str, bodies: list[bytes], server_pid: int, run: Any, **kwargs: Any
 ) -> dict[str, Any]:
-    import httpx
-
-    latencies: list[float] = []
-    errors = 0
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        start = time.perf_counter()
-        measure_from = start + warmup
-        stop_at = measure_from + duration
-
-        async def worker(offset: int) -> None:
-            nonlocal errors
-            i = offset
-            while True:
-                sent = time.perf_counter()
-                if sent >= stop_at:
-                    return
-                try:
-                    response = await client.post(
-                        "/v1/retrieve", content=bodies[i % len(bodies)], headers=headers
-                    )
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                done = time.perf_counter()
-                if sent >= measure_from:
-                    if ok:
-                        latencies.append(done - sent)
-                    else:
-                        errors += 1
-                i += concurrency
-
-        await asyncio.gather(*(worker(c) for c in range(concurrency)))
-    return summarize(latencies, duration, errors)
-
-
-async def open_loop(
-    url: str,
-    bodies: list[bytes],
-    rate: float,
-    duration: float,
-    warmup: float,
-    connections: int = 128,
-    cap: int = 4096,
-) -> dict[str, Any]:
-    """Requests sent at a fixed rate; latency from each request's scheduled send time.
-
-    At most `connections` are open (more requests wait for one, and that wait counts);
-    past `cap` outstanding requests the generator drops arrivals (reported).
-    """
-    import httpx
-
-    latencies: list[float] = []
-    errors = 0
-    dropped = 0
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    timeout = httpx.Timeout(60, pool=None)  # waiting for a pooled connection is queueing
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        start = time.perf_counter() + 0.05
-        total = int((warmup + duration) * rate)
-        in_flight: set[asyncio.Task[None]] = set()
-
-        async def one(i: int, scheduled: float) -> None:
-            nonlocal errors
-            try:
-                response = await client.post(
-                    "/v1/retrieve", content=bodies[i % len(bodies)], headers=headers
-                )
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            done = time.perf_counter()
-            if scheduled >= start + warmup:
-                if ok:
-                    latencies.append(done - scheduled)
-                else:
-                    errors += 1
-
-        for i in range(total):
-            scheduled = start + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(in_flight) >= cap:
-                dropped += 1
-                continue
-            task = asyncio.create_task(one(i, scheduled))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        if in_flight:
-            await asyncio.gather(*list(in_flight))
-    result = summarize(latencies, duration, errors)
-    result["offered_qps"] = rate
-    result["dropped_by_generator"] = dropped
-    return result
+    """One load level through `loadgen` (`run` is its closed_loop or open_loop), with the
+    server's mean batch size and CPU time per answered request over the whole level."""
+    host, port = url.removeprefix("http://").split(":")
+    before, cpu_before = batch_counters(url), process_cpu_seconds(server_pid)
+    outcome = asyncio.run(run(host, int(port), "/v1/retrieve", bodies, **kwargs))
+    cpu = process_cpu_seconds(server_pid) - cpu_before
+    after = batch_counters(url)
+    stats = outcome.summary()
+    batches = after[1] - before[1]
+    stats["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+    answered = after[0] - before[0]  # queries the batcher ran (warm-up included, like the CPU)
+    stats["server_cpu_ms_per_request"] = round(cpu / answered * 1000, 3) if answered else None
+    return stats
 
 
 def service_answers(url: str, queries: list[dict[str, Any]], k: int) -> list[list[str]]:
@@ -364,7 +275,9 @@ def in_process(
     embed, _ = export_checked_query_tower(bundle, schema, "auto")
     manager = IndexManager(index, model_dim=bundle.model.output_dim, model_checksum=bundle.checksum)
     manager.load_initial()
-    retriever = Retriever(bundle.encoder, schema, embed, lambda: manager.current)
+    retriever = Retriever(
+        bundle.encoder, schema, embed, lambda: manager.current, faiss_threads=threads
+    )
     jobs = [RetrievalJob(features=normalize_query(q, schema), k=k) for q in queries]
     retriever.run_batch(jobs[:1])  # warm-up
     return retriever, jobs
@@ -422,14 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         check_queries = queries[:50]
         served = service_answers(url, check_queries, args.k)
         for level in levels:
-            before = batch_counters(url)
-            stats = asyncio.run(closed_loop(url, bodies, level, args.duration, args.warmup))
-            after = batch_counters(url)
-            batches = after[1] - before[1]
+            stats = run_load(
+                url, bodies, server.pid, loadgen.closed_loop,
+                concurrency=level, duration_s=args.duration, warmup_s=args.warmup,
+            )  # fmt: skip
             stats["concurrency"] = level
-            stats["mean_batch_size"] = (
-                round((after[0] - before[0]) / batches, 2) if batches else None
-            )
             results["closed_loop"].append(stats)
             log(f"closed loop c={level}: {stats}")
         for rate in rates:
@@ -438,13 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"open loop {rate}/s skipped: saturated at {saturated[0]['offered_qps']}/s")
                 results["open_loop"].append({"offered_qps": rate, "skipped": "saturated below"})
                 continue
-            before = batch_counters(url)
-            stats = asyncio.run(open_loop(url, bodies, rate, args.duration, args.warmup))
-            after = batch_counters(url)
-            batches = after[1] - before[1]
-            stats["mean_batch_size"] = (
-                round((after[0] - before[0]) / batches, 2) if batches else None
-            )
+            stats = run_load(
+                url, bodies, server.pid, loadgen.open_loop,
+                rate=rate, duration_s=args.duration, warmup_s=args.warmup,
+            )  # fmt: skip
+            stats["offered_qps"] = rate
             results["open_loop"].append(stats)
             log(f"open loop {rate}/s: {stats}")
     finally:
