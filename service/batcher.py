@@ -1,11 +1,14 @@
 """The micro-batching queue: concurrent requests share one model pass and one index search.
 
 `MicroBatcher.submit(item)` puts an item on the queue and returns an `asyncio.Future`.
-One worker task takes the first waiting item, then keeps taking items until the batch
+A worker task takes the first waiting item, then keeps taking items until the batch
 holds `max_batch_size` of them or `max_wait_s` has passed since the first one (with
 ``max_wait_s=0`` it takes only what is already queued), and runs ``process(items)`` on
 a dedicated worker thread, off the event loop. While a batch runs, new items queue up
-and form the next batch, so under load batches grow by themselves.
+and form the next batch, so under load batches grow by themselves. With ``workers=N``
+up to N batches run at once, each on its own thread (``process`` must then be safe to
+call concurrently; FAISS and torch release the GIL while they compute, so two workers
+search on two cores).
 
 ``process`` returns one result per item, in order; a result that is an ``Exception``
 instance is set as that item's exception only, and an exception raised by ``process``
@@ -69,7 +72,8 @@ class MicroBatcher(Generic[T, R]):
             about to be (e.g. requests admitted and still being parsed). The worker waits
             for more only while this exceeds the batch it holds, so a lone request never
             waits `max_wait_s` for company that cannot come.
-        thread_name: name of the worker thread.
+        thread_name: name prefix of the worker threads.
+        workers: batches that may run at once (>= 1), one thread each.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class MicroBatcher(Generic[T, R]):
         on_batch: Callable[[int, float], None] | None = None,
         expected: Callable[[], int] | None = None,
         thread_name: str = "batch-worker",
+        workers: int = 1,
     ) -> None:
         if (
             isinstance(max_batch_size, bool)
@@ -88,6 +93,8 @@ class MicroBatcher(Generic[T, R]):
             or max_batch_size < 1
         ):
             raise ValueError(f"`max_batch_size` must be an int >= 1; got {max_batch_size!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"`workers` must be an int >= 1; got {workers!r}")
         if not max_wait_s >= 0:
             raise ValueError(f"`max_wait_s` must be >= 0; got {max_wait_s!r}")
         self._process = process
@@ -96,36 +103,43 @@ class MicroBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._expected = expected
         self._thread_name = thread_name
+        self.workers = workers
         self._queue: collections.deque[_Pending[T]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=_KEEP_BATCH_SIZES)
         self.skipped_cancelled = 0
-        self.in_batch = 0  # items in the batch now running
+        self.in_batch = 0  # items in the batches now running
 
     # ------------------------------------------------------------------ state
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (not counting the batch now running)."""
+        """Items waiting for a batch (not counting the batches now running)."""
         return len(self._queue)
 
     @property
     def running(self) -> bool:
-        return self._worker is not None and not self._worker.done()
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
+        """Start the worker tasks on the running event loop."""
         if self.running:
             return
         self._closing = False
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name=self._thread_name)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix=self._thread_name
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name=f"{self._thread_name}-{i}")
+            for i in range(self.workers)
+        ]
 
     async def stop(self, *, drain: bool = True) -> None:
         """Stop taking new items; with `drain`, finish every queued item first.
@@ -137,10 +151,10 @@ class MicroBatcher(Generic[T, R]):
             self._wakeup.set()
         if not drain:
             self._fail_queued(BatcherClosedError("the batcher stopped before this item ran"))
-        if self._worker is not None:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._tasks = []
         self._fail_queued(BatcherClosedError("the batcher stopped before this item ran"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -194,8 +208,8 @@ class MicroBatcher(Generic[T, R]):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
-            if self._expected is not None and self._expected() <= len(batch):
-                break  # nobody else is on the way
+            if self._expected is not None and self._expected() - self.in_batch <= len(batch):
+                break  # nobody else is on the way (running batches' items are not)
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -213,7 +227,7 @@ class MicroBatcher(Generic[T, R]):
             self.skipped_cancelled += len(batch) - len(live)
             if not live:
                 continue
-            self.in_batch = len(live)
+            self.in_batch += len(live)
             started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
@@ -241,7 +255,7 @@ class MicroBatcher(Generic[T, R]):
                     else:
                         pending.future.set_result(result)
             finally:
-                self.in_batch = 0
+                self.in_batch -= len(live)
             seconds = time.perf_counter() - started
             self.batch_sizes.append(len(live))
             if self._on_batch is not None:

@@ -38,6 +38,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         "redis_url": args.redis_url,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
+        "batch_workers": args.batch_workers,
         "torch_threads": args.torch_threads,
         "faiss_threads": args.faiss_threads,
     }
@@ -126,6 +127,9 @@ def register_serve(subparsers: Any) -> None:
     parser.add_argument("--redis-url", help="Redis: feature store, cache, index announcements")
     parser.add_argument("--max-batch-size", type=int, help="queries per batch (default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batch wait after its first query")
+    parser.add_argument(
+        "--batch-workers", type=int, help="micro-batches run at once, a thread each (default 1)"
+    )
     parser.add_argument("--torch-threads", type=int, help="torch threads (default 1)")
     parser.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads (default 1)")
     parser.set_defaults(func=run_serve)

@@ -107,6 +107,13 @@ class ServiceSettings(BaseSettings):
         description="How long a batch waits for more queries after its first one, and only "
         "while more admitted requests are on their way (0 = take only what is queued).",
     )
+    batch_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Micro-batches that may run at once, each on its own thread with its own "
+        "`faiss_threads` (FAISS and torch release the GIL, so 2 workers search on 2 cores).",
+    )
     torch_threads: int = Field(
         default=1,
         ge=1,

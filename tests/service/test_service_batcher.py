@@ -216,3 +216,64 @@ def test_no_wait_when_nobody_else_is_expected() -> None:
     assert alone < 0.25
     assert seen == [[1], [2, 3]]  # the worker waited for the expected second item
     assert together < 0.45  # and stopped waiting as soon as it came
+
+
+def test_two_workers_run_two_batches_at_once() -> None:
+    barrier = threading.Barrier(2, timeout=5)  # one worker alone would time out here
+    threads: set[str] = set()
+
+    def process(items: Sequence[int]) -> list[int]:
+        threads.add(threading.current_thread().name)
+        barrier.wait()
+        return [x * 2 for x in items]
+
+    async def main() -> tuple[list[int], int]:
+        batcher = MicroBatcher(process, max_batch_size=1, max_wait_s=0.0, workers=2)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2))
+        await batcher.stop()
+        return list(results), batcher.in_batch
+
+    results, in_batch = run(main())
+    assert results == [2, 4]
+    assert len(threads) == 2
+    assert in_batch == 0
+
+
+def test_items_of_a_running_batch_do_not_hold_the_next_one_back() -> None:
+    """`expected` counts every admitted item; those already running are not on the way."""
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def process(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        if items[0] == 0:
+            release.wait(5)
+        return list(items)
+
+    async def main() -> float:
+        admitted = 0
+        batcher = MicroBatcher(
+            process, max_batch_size=8, max_wait_s=2.0, workers=2, expected=lambda: admitted
+        )
+        batcher.start()
+        admitted = 2
+        first = batcher.submit(0)  # runs alone and blocks on `release`
+        while batcher.in_batch == 0:
+            await asyncio.sleep(0.001)
+        began = time.perf_counter()
+        second = await batcher.submit(1)  # nobody else is coming: no 2 s wait
+        waited = time.perf_counter() - began
+        release.set()
+        await first
+        await batcher.stop()
+        assert second == 1
+        return waited
+
+    assert run(main()) < 1.0
+    assert sizes == [1, 1]
+
+
+def test_workers_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="`workers` must be an int >= 1"):
+        MicroBatcher(lambda xs: list(xs), workers=0)
