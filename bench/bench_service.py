@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="server torch and FAISS threads")
+    parser.add_argument("--batch-workers", type=int, default=1, help="server batch workers")
     parser.add_argument("--floor-repeats", type=int, default=200, help="batches per floor size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -173,6 +174,7 @@ def start_server(
         "--host", "127.0.0.1", "--port", str(port),
         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
         "--torch-threads", str(args.threads), "--faiss-threads", str(args.threads),
+        "--batch-workers", str(args.batch_workers),
     ]  # fmt: skip
     env = {**os.environ, "RETRIEVAL_MAX_IN_FLIGHT": "4096", "RETRIEVAL_REQUEST_TIMEOUT_S": "10"}
     log(f"server: {' '.join(command)} (log {log_path})")
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch_size": args.max_batch_size,
             "max_wait_ms": args.max_wait_ms,
             "threads": args.threads,
+            "batch_workers": args.batch_workers,
             "start_s": results.get("server_start_s"),
         },
         "build_seconds": build_timings,
@@ -425,8 +428,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"correctness: {report['correctness']['identical_to_in_process']:.2f} of "
         f"{report['correctness']['queries']} answers identical to in-process "
         f"(mean overlap {report['correctness']['mean_overlap']})",
+        f"server: {report['server']['batch_workers']} batch worker(s), "
+        f"{report['server']['threads']} torch/FAISS thread(s) each",
         "",
-        f"{'load':<14} {'QPS':>8} {'mean':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'batch':>6} {'err':>5}",
+        f"{'load':<14} {'QPS':>8} {'mean':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'batch':>6} "
+        f"{'err':>5} {'cpu ms/req':>10}",
     ]
     rows = [(f"c={s['concurrency']}", s) for s in report["closed_loop"]] + [
         (f"{s['offered_qps']:.0f}/s open", s) for s in report["open_loop"]
@@ -441,7 +447,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{name:<14} {s['qps']:>8.1f} {s['mean_ms']:>8.2f} {s['p50_ms']:>8.2f} "
             f"{s['p95_ms']:>8.2f} {s['p99_ms']:>8.2f} {s.get('mean_batch_size') or 0:>6.1f} "
-            f"{s['errors']:>5}"
+            f"{s['errors']:>5} {s.get('server_cpu_ms_per_request') or 0:>10.3f}"
         )
     lines += ["", f"{'in-process floor':<18} {'mean ms':>8} {'p99 ms':>8} {'q/s':>9}  stages (ms)"]
     for f in report["in_process_floor"]:
