@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 RECBOLE_VERSION ?= 1.2.1
 DEMO_DIR ?= artifacts/demo
 
-.PHONY: venv demo test lint typecheck unit clean
+.PHONY: venv demo test lint typecheck unit soak clean
 
 # torch goes in first, pinned, so the project's looser requirement is already met
 # and pip never pulls the CUDA build. recbole is installed without its dependencies:
@@ -37,6 +37,12 @@ unit: venv
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# The long rows of the reliability suite (docs/reliability.md): about 45 minutes with the
+# defaults; SOAK_ARGS="--minutes 5 --row17-s 30 --kills 10" for a short form.
+SOAK_ARGS ?=
+soak: venv
+	$(PY) bench/soak.py --workdir artifacts/soak --out artifacts/soak/soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

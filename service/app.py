@@ -51,7 +51,12 @@ from service.feature_store import (
 )
 from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
-from service.middleware import AdmissionLimiter, BodySizeLimitMiddleware, MetricsMiddleware
+from service.middleware import (
+    AdmissionGateMiddleware,
+    AdmissionLimiter,
+    BodySizeLimitMiddleware,
+    MetricsMiddleware,
+)
 from service.openapi import install_openapi
 from service.query import QueryFeatures, QuerySchema, encode_queries
 from service.redis_link import RedisLink, RedisUnavailableError, make_client
@@ -193,6 +198,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
             client,
             down_backoff_s=settings.redis_down_backoff_s,
             on_state=lambda up: metrics.redis_up.set(1 if up else 0),
+            max_concurrent=settings.redis_max_connections,
         )
         if not await link.ping():
             logger.warning(
@@ -214,6 +220,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
         max_wait_s=settings.max_wait_ms / 1000.0,
         on_batch=metrics.observe_batch,
         expected=lambda: limiter.in_flight,  # admitted queries: the most that can still come
+        workers=settings.batch_workers,
     )
     batcher.start()
     metrics.queue_depth.set_function(lambda: batcher.queue_depth)
@@ -343,6 +350,7 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     app.include_router(retrieve.router)
     app.include_router(info.router)
     app.include_router(health.router)
+    app.add_middleware(AdmissionGateMiddleware)  # innermost: the body is already bounded
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     return app

@@ -10,7 +10,8 @@ counted too; the route label is the route's path template (``other`` for unknown
 so a scanner cannot blow up the label set).
 
 `AdmissionLimiter` bounds the retrieval requests in flight; past the bound a request
-gets `OverloadedError` (429 with Retry-After) at once instead of queueing without limit.
+gets `OverloadedError` (429 with Retry-After) at once instead of queueing without limit,
+from `AdmissionGateMiddleware` before anything is parsed when the bound is already reached.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import OverloadedError, PayloadTooLargeError, error_bytes
+from service.errors import OverloadedError, PayloadTooLargeError, ServiceError, error_bytes
 from service.metrics import ServiceMetrics
+
+RETRIEVAL_PATHS = ("/v1/retrieve", "/v1/retrieve/batch")
 
 
 class AdmissionLimiter:
@@ -47,16 +51,20 @@ class AdmissionLimiter:
         self.in_flight = 0
         self._metrics = metrics
 
+    def refuse(self) -> OverloadedError:
+        """The error of a refused request (counted in the metrics)."""
+        if self._metrics is not None:
+            self._metrics.rejected.labels(reason="overload").inc()
+        return OverloadedError(
+            f"too many requests in flight ({self.in_flight} of {self.limit}); retry later",
+            retry_after_s=self.retry_after_s,
+        )
+
     @contextlib.contextmanager
     def admit(self, units: int = 1) -> Iterator[None]:
         """Hold `units` for the duration of the block, or raise `OverloadedError`."""
         if self.in_flight + units > self.limit:
-            if self._metrics is not None:
-                self._metrics.rejected.labels(reason="overload").inc()
-            raise OverloadedError(
-                f"too many requests in flight ({self.in_flight} of {self.limit}); retry later",
-                retry_after_s=self.retry_after_s,
-            )
+            raise self.refuse()
         self.in_flight += units
         if self._metrics is not None:
             self._metrics.in_flight.set(self.in_flight)
@@ -68,20 +76,41 @@ class AdmissionLimiter:
                 self._metrics.in_flight.set(self.in_flight)
 
 
-async def _send_error(send: Send, error: PayloadTooLargeError) -> None:
+async def _send_error(send: Send, error: ServiceError, *, close: bool = True) -> None:
     body = error_bytes(error)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status_code,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class AdmissionGateMiddleware:
+    """Answer 429 to retrieval requests at once while the admission limit is reached.
+
+    The route handlers admit requests (`AdmissionLimiter.admit`); this gate only makes the
+    refusal cheap under overload: no JSON parsing, validation or dependency resolution,
+    so the excess costs the service little CPU and gets its answer fast. It sits inside
+    `BodySizeLimitMiddleware` (the bounded body is already read, the connection is kept).
+    """
+
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = RETRIEVAL_PATHS) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            services = getattr(scope["app"].state, "services", None)
+            limiter = services.limiter if services is not None else None
+            if limiter is not None and limiter.in_flight >= limiter.limit:
+                scope["route"] = SimpleNamespace(path=scope["path"])  # the metrics' route label
+                await _send_error(send, limiter.refuse(), close=False)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

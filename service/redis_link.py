@@ -6,12 +6,17 @@ calls fail at once with `RedisUnavailableError` instead of waiting on timeouts a
 so a dead Redis adds at most one (short, bounded) timeout to one request per backoff
 period. The first call after the period tries Redis again: recovery needs no action.
 
+At most `max_concurrent` (the pool's size) commands run at once; more wait for a
+connection (bounded by the request deadline) instead of failing on an empty pool.
+
 Callers decide what "down" means for them: the response cache is skipped, a `user_id`
 lookup answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -69,9 +74,13 @@ class RedisLink:
         *,
         down_backoff_s: float = 1.0,
         on_state: Callable[[bool], None] | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
         self.client = client
         self.down_backoff_s = down_backoff_s
+        # At most the pool's size of commands at once: more would find the pool empty
+        # (MaxConnectionsError) and, being a RedisError, mark a healthy Redis down.
+        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._down_until = 0.0
         self._up: bool | None = None
         self._on_state = on_state
@@ -109,11 +118,14 @@ class RedisLink:
         """Run `command(client)`; raises `RedisUnavailableError` when Redis is down or fails."""
         if not self.up:
             raise RedisUnavailableError("redis is unavailable (backing off after a failure)")
-        try:
-            result = await command(self.client)
-        except (RedisError, OSError) as exc:
-            self.mark_down(exc)
-            raise RedisUnavailableError(f"redis command failed: {type(exc).__name__}") from exc
+        async with self._slots or contextlib.nullcontext():
+            if not self.up:  # it went down while this call waited for a connection
+                raise RedisUnavailableError("redis is unavailable (backing off after a failure)")
+            try:
+                result = await command(self.client)
+            except (RedisError, OSError) as exc:
+                self.mark_down(exc)
+                raise RedisUnavailableError(f"redis command failed: {type(exc).__name__}") from exc
         self._set_state(True)
         return result
 

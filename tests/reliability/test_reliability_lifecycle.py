@@ -62,6 +62,47 @@ def test_row6_slow_tower_gives_504_at_the_deadline_and_frees_the_slots(
         assert 'retrieval_rejected_total{reason="overload"} 0.0' in metrics
 
 
+# --------------------------------------------------------------------------- row 5 (short)
+
+
+def test_row5_short_excess_is_refused_before_parsing_with_retry_after(
+    make_settings: Callable[..., ServiceSettings],
+) -> None:
+    """Short form (make soak measures 3x load): while the admission limit is reached, the
+    excess gets 429 + Retry-After at once, before its body is even parsed."""
+    settings = make_settings(max_in_flight=1, retry_after_s=2, max_wait_ms=0)
+    garbage = {"content-type": "application/json"}
+    with live_server(settings) as server:
+        services = server.services
+        undo = slow_embed(services, 0.8, batches=1)
+
+        async def scenario() -> tuple[httpx.Response, list[tuple[httpx.Response, float]]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                held = asyncio.create_task(client.post("/v1/retrieve", json={"query": {}, "k": 3}))
+                while services.limiter.in_flight < 1:
+                    await asyncio.sleep(0.005)
+                refused = []
+                for content in (b"not json at all", b'{"query": {}, "k": 3}'):
+                    started = time.monotonic()
+                    response = await client.post("/v1/retrieve", content=content, headers=garbage)
+                    refused.append((response, time.monotonic() - started))
+                return await held, refused
+
+        held, refused = asyncio.run(scenario())
+        undo()
+        assert held.status_code == 200
+        for response, seconds in refused:
+            assert response.status_code == 429 and seconds < 0.3  # fast, not after the batch
+            assert response.headers["retry-after"] == "2"
+            assert response.json()["error"]["code"] == "overloaded"
+        # with the slot free, the same garbage is parsed (422): the 429 came before parsing
+        after = httpx.post(f"{server.url}/v1/retrieve", content=b"not json at all", headers=garbage)
+        assert after.status_code == 422
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'retrieval_rejected_total{reason="overload"} 2.0' in metrics
+        assert 'requests_total{method="POST",route="/v1/retrieve",status="429"} 2.0' in metrics
+
+
 # --------------------------------------------------------------------------- row 16
 
 
@@ -119,7 +160,8 @@ def test_row15_short_sigterm_under_load_fails_no_admitted_request(
 ) -> None:
     """Short form (make soak runs it longer): 6 clients, one new connection per request, a
     real SIGTERM to a real `retrieval serve`; readiness flips first, every request the server
-    took is answered 200, and the process exits 0 within the grace period."""
+    took is answered 200 (in flight or sent during the drain), and the process exits within
+    the grace period."""
     port = free_port()
     drain_s, grace_s = 0.5, 5
     args = ["--model", str(tiny_bundle), "--index", str(tiny_index), "--data", str(tiny_dataset)]
@@ -148,11 +190,12 @@ def test_row15_short_sigterm_under_load_fails_no_admitted_request(
         async def poll_ready() -> None:
             async with httpx.AsyncClient(base_url=service.url, timeout=2) as client:
                 while not stop.is_set():
+                    sent = time.monotonic()
                     try:
                         code = (await client.get("/readyz")).status_code
                     except httpx.HTTPError:
                         code = 0
-                    readiness.append((time.monotonic(), code))
+                    readiness.append((sent, code))  # by send time: after the signal
                     await asyncio.sleep(0.02)
 
         poller = asyncio.create_task(poll_ready())
@@ -179,8 +222,12 @@ def test_row15_short_sigterm_under_load_fails_no_admitted_request(
     assert len(answered) > 50 and all(o.status == 200 for o in answered), {
         o.status for o in answered
     }
-    # no HTTP answer: only connections refused after the listening socket closed
-    assert {o.error for o in outcomes if not o.status} <= {"ConnectError"}
+    # no HTTP answer only for connections opened once the drain was over and the listening
+    # socket closing (refused, or reset in the accept backlog): never a request in flight
+    # or one sent while draining (a balancer following /readyz sends none by then)
+    unanswered = [o for o in outcomes if not o.status]
+    assert all(o.sent >= signalled + drain_s - 0.05 for o in unanswered)
+    assert {o.error for o in unanswered} <= {"ConnectError", "ReadError", "RemoteProtocolError"}
     assert any(o.sent > signalled for o in answered)  # served while draining
     after = [code for at, code in readiness if at > signalled]
     assert after and after[0] in (503, 0) and 200 not in after  # readiness flipped first

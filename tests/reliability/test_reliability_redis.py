@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from reliability_fixtures import run_load
@@ -97,3 +98,39 @@ def test_row7_short_redis_killed_mid_load_then_restarted(
     assert all(o.status == 200 for o in users if o.sent > pushed + 2 * 0.2)
     # latency bounded by the configured timeouts, Redis down or not
     assert max(o.seconds for o in outcomes) < timeout_s
+
+
+def test_row7_more_lookups_than_pool_connections_is_not_an_outage(
+    make_settings: Callable[..., ServiceSettings], tiny_dataset: Path, tiny_bundle: Path
+) -> None:
+    """Found by the soak: with more concurrent `user_id` lookups than pooled connections the
+    pool raised MaxConnectionsError, which marked a healthy Redis down (1 s of 503s)."""
+    private = RedisProcess().start()
+    prefix = "rel-pool:"
+    try:
+        push(private.url, tiny_dataset, tiny_bundle, prefix)
+        settings = make_settings(
+            redis_url=private.url,
+            redis_prefix=prefix,
+            data_dir=None,
+            redis_max_connections=2,
+            cache_enabled=False,
+        )
+        with live_server(settings) as server:
+
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                    answers = await asyncio.gather(
+                        *(
+                            client.post("/v1/retrieve", json={"user_id": f"u{i:03d}", "k": 5})
+                            for i in range(48)
+                        )
+                    )
+                return [a.status_code for a in answers]
+
+            codes = [code for _ in range(3) for code in asyncio.run(burst())]
+            assert codes == [200] * len(codes)
+            assert server.services.redis.last_error is None  # never marked down
+            assert "retrieval_redis_up 1.0" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        private.kill()
