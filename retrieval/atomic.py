@@ -109,6 +109,23 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         raise
 
 
+def recover_interrupted_replace(final: str | Path) -> bool:
+    """Put back the old `final` when a process died inside `atomic_directory(overwrite=True)`
+    between moving the old directory aside and moving the new one in; True if it did.
+
+    Run before `remove_stale_temporaries(final.parent, final.name)`, which would delete it.
+    """
+    final = Path(final)
+    if final.exists():
+        return False
+    aside = sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}.old-*"))
+    if not aside:
+        return False
+    os.replace(aside[-1], final)
+    fsync_directory(final.parent)
+    return True
+
+
 def remove_stale_temporaries(directory: str | Path, name: str | None = None) -> list[Path]:
     """Delete leftovers of interrupted atomic writes in `directory`; return what was removed.
 

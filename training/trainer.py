@@ -36,7 +36,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from retrieval.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
+from retrieval.atomic import (
+    atomic_directory,
+    atomic_write_text,
+    recover_interrupted_replace,
+    remove_stale_temporaries,
+)
 from retrieval.bundle import save_bundle
 from retrieval.data.dataset import Dataset, load_dataset
 from retrieval.data.split import TRAIN
@@ -363,10 +368,11 @@ def train(
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     world, rank = dist_utils.world_size(), dist_utils.rank()
     if rank == 0:  # leftovers of a run killed while it wrote its bundle or a checkpoint
-        for stale in remove_stale_temporaries(out.parent, out.name) + remove_stale_temporaries(
-            ckpt.parent, ckpt.name
-        ):
-            logger.info("removed leftover of an interrupted run: %s", stale)
+        for path in (out, ckpt):
+            if recover_interrupted_replace(path):
+                logger.info("restored %s, moved aside by an interrupted run", path)
+            for stale in remove_stale_temporaries(path.parent, path.name):
+                logger.info("removed leftover of an interrupted run: %s", stale)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     logger.info("resolved config: %s", json.dumps(config.to_dict(), default=str))

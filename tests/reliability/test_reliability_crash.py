@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from index_fixtures import NUM_ITEMS, make_index_dataset, make_random_bundle
 from tiny_data import tiny_train_config
 
 from index.build import BuildOptions, build_index
+from retrieval.atomic import recover_interrupted_replace, remove_stale_temporaries
 from retrieval.bundle import load_bundle
 from retrieval.index_store import list_versions, load_index_version, read_current
 
@@ -108,3 +110,17 @@ def test_row14_short_training_killed_at_random_moments(tiny_dataset: Path, tmp_p
     assert status == 0 and load_bundle(out).version
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], leftovers
     assert good  # the first bundle loaded too
+
+
+def test_row14_a_kill_between_the_two_renames_loses_no_bundle(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """`atomic_directory(overwrite=True)` moves the old directory aside, then the new one in:
+    a kill between the two leaves no bundle at the final path. The next training run puts
+    the old one back before it removes temporaries (which would delete it)."""
+    shutil.copytree(tiny_bundle, tmp_path / ".tmp-model.old-4242")  # the old, moved aside
+    (tmp_path / ".tmp-model.k3j2").mkdir()  # the new one, half written
+    final = tmp_path / "model"
+    assert recover_interrupted_replace(final) and load_bundle(final).version
+    assert remove_stale_temporaries(tmp_path, "model") == [tmp_path / ".tmp-model.k3j2"]
+    assert not recover_interrupted_replace(final)  # nothing to do the second time
