@@ -4,6 +4,7 @@ Usage::
 
     retrieval build-index --model artifacts/model --data data/synth-1m --out artifacts/index
     retrieval build-index --model M --data D --out R --factory "HNSW32,Flat" --recall-floor 0.9
+    retrieval build-index --model M --data D --out R --shards 4     # one faiss.IndexShards
     torchrun --nproc-per-node 2 -m index --model M --data D --out R     # sharded embedding
 
 Stages (each timed and logged, options logged first):
@@ -21,7 +22,10 @@ Stages (each timed and logged, options logged first):
    the index itself (the memmap is page cache, not heap);
 3. train the FAISS index (inner product, `index/factory.py` picks the factory by catalog
    size unless `--factory` says) on a sample of rows and add all rows in chunks, on the
-   GPU when asked and faiss-gpu can;
+   GPU when asked and faiss-gpu can. With `--shards S` the trained index is copied S
+   times and copy s filled with the s-th contiguous slice of rows: the version holds S
+   index files searched as one `faiss.IndexShards` (labels and, for Flat and IVF,
+   results equal the single index; tuning and the recall gate run on the assembled one);
 4. exact top-k of the real queries by brute force, then ANN search params tuned on one
    half of the queries and the recall gate measured on the other half (k = min(1000, N));
 5. below `--recall-floor` the build stops here, nothing published, unless `--force`
@@ -69,6 +73,7 @@ from index.factory import (
     create_index,
     exact_search,
     measure_recall,
+    shard_bounds,
     train_and_fill,
     train_sample_size,
     tune_search_params,
@@ -130,12 +135,13 @@ class BuildOptions:
     train_size: int = 0  # training sample; 0 = 40 per IVF list (>= 20,000)
     seed: int = 0  # query sample, training sample, k-means
     threads: int = 0  # torch / faiss threads per process; 0 = all cores / local ranks
+    shards: int = 1  # index files of the version (> 1: searched as one faiss.IndexShards)
     progress: bool = True  # progress bar while embedding
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"`device` must be one of {list(DEVICES)}; got {self.device!r}")
-        for name in ("batch_size", "keep", "recall_k", "recall_queries"):
+        for name in ("batch_size", "keep", "recall_k", "recall_queries", "shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.recall_floor <= 1.0:
@@ -337,15 +343,6 @@ def iter_catalog_rows(
             break
 
 
-def shard_bounds(num_items: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, end) of `rank`'s contiguous slice.
-
-    >>> [shard_bounds(10, r, 3) for r in range(3)]
-    [(0, 3), (3, 6), (6, 10)]
-    """
-    return num_items * rank // world, num_items * (rank + 1) // world
-
-
 def create_embedding_file(path: Path, num_items: int, dim: int) -> None:
     """A `.npy` of `[num_items, dim]` float32 whose blocks are allocated now (ENOSPC here)."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(num_items, dim))
@@ -528,6 +525,11 @@ def build_index(
                 catalog = open_catalog(data_dir, bundle.encoder)
                 dim = bundle.model.output_dim
                 if rank == 0:  # everything that can fail cheaply fails before embedding
+                    if options.shards > catalog.num_items:
+                        raise IndexBuildError(
+                            f"`shards` ({options.shards}) exceeds the catalog's "
+                            f"{catalog.num_items} items; every shard needs at least one"
+                        )
                     if options.factory:
                         train_sample_size(create_index(options.factory, dim), catalog.num_items)
                     item_ids = read_catalog_ids(catalog)
@@ -624,7 +626,8 @@ def _index_and_publish(
             "faiss has no GPU support here: FAISS on CPU, exact search with torch on %s", device
         )
 
-    with stage(f"train and fill {factory}", timings, "index_seconds"):
+    shards = f" x {options.shards} shards" if options.shards > 1 else ""
+    with stage(f"train and fill {factory}{shards}", timings, "index_seconds"):
         bar = tqdm(
             total=num_items, unit="item", unit_scale=True, desc="add", disable=not options.progress
         )
@@ -634,6 +637,7 @@ def _index_and_publish(
             use_gpu=use_gpu,
             seed=options.seed,
             train_size=options.train_size,
+            num_shards=options.shards,
             progress=bar.update,  # type: ignore[arg-type]  # tqdm's update returns a flag
         )
         bar.close()

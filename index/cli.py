@@ -8,7 +8,8 @@ Usage::
     retrieval index list --root artifacts/index
     retrieval index rollback --root artifacts/index [--to VERSION]
     retrieval index verify --root artifacts/index [--version VERSION]
-    torchrun --nproc-per-node 2 -m index --model M --data D --out R
+    retrieval build-index --model M --data D --out R --shards 4
+    torchrun --nproc-per-node 2 -m index --model M --data D --out R [--shards 2]
 
 Heavy modules (torch, faiss) are imported inside the handlers, so `retrieval --help`
 stays fast.
@@ -58,6 +59,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=0, help="training sample (0 = auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="threads per process (0 = auto)")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="index files in the version, searched as one faiss.IndexShards (default 1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -79,6 +86,7 @@ def run_build_index(args: argparse.Namespace) -> int:
         train_size=args.train_size,
         seed=args.seed,
         threads=args.threads,
+        shards=args.shards,
         progress=not args.no_progress,
     )
     result = build_index(args.model, args.data, args.out, options)
@@ -94,6 +102,8 @@ def run_build_index(args: argparse.Namespace) -> int:
         print(
             f"  factory         {manifest['index']['factory']}  params {manifest['index']['search_params']}"
         )
+        if manifest["index"].get("layout") == "shards":
+            print(f"  shards          {len(manifest['index']['shards'])} (faiss.IndexShards)")
         print(
             f"  recall@{recall['k']:<8} {recall['recall']:.4f} on {recall['num_queries']} queries "
             f"(floor {recall['floor']}{', FORCED' if recall['forced'] else ''})"

@@ -43,8 +43,10 @@ import torch
 
 from retrieval.index_store import (
     apply_search_params,
+    assemble_shards,
     faiss_has_gpu,
     recall_against_exact,
+    shard_indexes,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,8 +91,21 @@ def create_index(factory: str, dim: int) -> faiss.Index:
     return index
 
 
+def shard_bounds(num_items: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Rows [start, end) of `shard`'s contiguous slice (torchrun ranks, index shards).
+
+    >>> [shard_bounds(10, r, 3) for r in range(3)]
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    return num_items * shard // num_shards, num_items * (shard + 1) // num_shards
+
+
 def ivf_of(index: faiss.Index) -> Any:
-    """The IVF part of an index (through refine/pre-transform wrappers), or None."""
+    """The IVF part of an index (through refine/pre-transform wrappers; of the first part
+    of a `faiss.IndexShards`, whose parts share one trained state), or None."""
+    parts = shard_indexes(index)
+    if parts is not None:
+        return ivf_of(parts[0])
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -99,6 +114,9 @@ def ivf_of(index: faiss.Index) -> Any:
 
 def hnsw_of(index: faiss.Index) -> Any:
     """The HNSW index inside `index` (maybe behind a refine wrapper), or None."""
+    parts = shard_indexes(index)
+    if parts is not None:
+        return hnsw_of(parts[0])
     candidate = faiss.downcast_index(index)
     if isinstance(candidate, faiss.IndexRefine):
         candidate = faiss.downcast_index(candidate.base_index)
@@ -273,6 +291,7 @@ def train_and_fill(
     use_gpu: bool = False,
     seed: int = 0,
     train_size: int = 0,
+    num_shards: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """Create the index, train it on a sample of `vectors`, add every row; CPU index back.
@@ -284,12 +303,19 @@ def train_and_fill(
             returned index is always a CPU copy (what gets written).
         seed: seed of the training sample and of k-means.
         train_size: vectors to train on (0 = `train_sample_size`).
+        num_shards: > 1 returns a `faiss.IndexShards` of that many parts: the index is
+            trained once (on a sample of all rows), copied per part, and part s filled with
+            the contiguous rows `shard_bounds(N, s, num_shards)`, so labels and (for Flat
+            and IVF, whose parts share the coarse quantizer) results equal the single index.
         progress: called with the number of rows added after each chunk.
 
     Returns:
-        (index, info) with info = train_size, train_seconds, add_seconds, device.
+        (index, info) with info = train_size, train_seconds, add_seconds, device, engine,
+        num_shards.
     """
     num_items, dim = vectors.shape
+    if not 1 <= num_shards <= num_items:
+        raise ValueError(f"`num_shards` must be in [1, {num_items}] (the rows); got {num_shards}")
     index = create_index(factory, dim)
     ivf = ivf_of(index)
     if ivf is not None:
@@ -317,19 +343,39 @@ def train_and_fill(
             raise ValueError(f"training index {factory!r} failed: {exc}") from exc
         del sample
     train_seconds = time.perf_counter() - started
+
+    def fill(target: Any, start: int, end: int) -> None:
+        """Add rows [start, end) to `target` (local labels 0 .. end - start - 1)."""
+        concrete: Any = faiss.downcast_index(target) if fast is not None else target
+        for first in range(start, end, ADD_CHUNK_ROWS):
+            last = min(first + ADD_CHUNK_ROWS, end)
+            chunk = np.ascontiguousarray(vectors[first:last], dtype=np.float32)
+            if fast is not None and centroids is not None:
+                lists = assign_to_centroids(chunk, centroids).numpy()  # (n,) int64
+                concrete.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(lists))
+            else:
+                target.add(chunk)
+            if progress is not None:
+                progress(len(chunk))
+
     started = time.perf_counter()
-    for start in range(0, num_items, ADD_CHUNK_ROWS):
-        chunk = np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32)
-        if fast is not None and centroids is not None:
-            lists = assign_to_centroids(chunk, centroids).numpy()  # (n,) int64
-            fast.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(lists))
-        else:
-            work.add(chunk)
-        if progress is not None:
-            progress(len(chunk))
+    if num_shards == 1:
+        fill(work, 0, num_items)
+        if gpu is not None:
+            index = faiss.index_gpu_to_cpu(work)
+    else:
+        trained = faiss.index_gpu_to_cpu(work) if gpu is not None else index  # trained, empty
+        parts = []
+        for shard in range(num_shards):
+            part = faiss.clone_index(trained)
+            on_gpu = _to_gpu(part) if gpu is not None else None
+            fill(
+                on_gpu[0] if on_gpu is not None else part,
+                *shard_bounds(num_items, shard, num_shards),
+            )
+            parts.append(faiss.index_gpu_to_cpu(on_gpu[0]) if on_gpu is not None else part)
+        index = assemble_shards(parts)
     add_seconds = time.perf_counter() - started
-    if gpu is not None:
-        index = faiss.index_gpu_to_cpu(work)
     device = "cuda" if gpu is not None or (fast is not None and torch_device == "cuda") else "cpu"
     info = {
         "train_size": int(size),
@@ -337,10 +383,12 @@ def train_and_fill(
         "add_seconds": round(add_seconds, 3),
         "device": device,
         "engine": "torch k-means + faiss add_core" if fast is not None else "faiss",
+        "num_shards": num_shards,
     }
     logger.info(
-        "index %s: trained in %.1fs, %d vectors added in %.1fs on %s",
+        "index %s%s: trained in %.1fs, %d vectors added in %.1fs on %s",
         factory,
+        f" x {num_shards} shards" if num_shards > 1 else "",
         train_seconds,
         num_items,
         add_seconds,

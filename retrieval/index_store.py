@@ -7,6 +7,10 @@ An index root holds published versions and a pointer to the one in use::
         versions/<version>/
             index.faiss              a FAISS index (inner product over L2-normalised item
                                      embeddings); label r = row r of the id table
+            (or shard-000.faiss ...  a sharded version: shard s holds the contiguous rows
+                                     [first_row_s, first_row_s + num_items_s), local label
+                                     l = row first_row_s + l; searched as one
+                                     `faiss.IndexShards` with successive ids)
             ids.parquet              one column `item_id` (string): the catalog's own ids
             manifest.json            format, version, model bundle checksum and version,
                                      catalog size, dim, factory, metric, search params,
@@ -57,11 +61,16 @@ from retrieval.atomic import TMP_PREFIX, atomic_directory, sha256_file
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "two-tower-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 1  # one index file; what a single-index version is written as
+SHARDED_FORMAT_VERSION = 2  # `index.layout` = "shards": readers of version 1 refuse it clearly
+READABLE_FORMAT_VERSIONS = (INDEX_FORMAT_VERSION, SHARDED_FORMAT_VERSION)
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
+SHARD_FILE = "shard-{:03d}.faiss"  # shard s of a sharded version
+LAYOUT_SINGLE = "single"
+LAYOUT_SHARDS = "shards"
 IDS_FILE = "ids.parquet"
 ID_COLUMN = "item_id"
 METRIC = "inner_product"
@@ -160,12 +169,76 @@ def read_index_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise IndexStoreError(f"{manifest_path}: `format` must be {INDEX_FORMAT!r}; got {found!r}")
-    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise IndexStoreError(
             f"{manifest_path}: unsupported `format_version` {manifest.get('format_version')!r} "
-            f"(this code reads {INDEX_FORMAT_VERSION})"
+            f"(this code reads {list(READABLE_FORMAT_VERSIONS)})"
         )
+    index_files(manifest, path)  # the layout is well formed
     return manifest
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One index file of a version: its rows of the id table are [first_row, first_row + num_items)."""
+
+    file: str
+    first_row: int
+    num_items: int
+
+
+def index_files(manifest: Mapping[str, Any], where: Path | str = "") -> list[ShardEntry]:
+    """The index files a manifest names, in label order (one entry unless sharded).
+
+    Raises:
+        IndexStoreError: unknown layout, or shards that do not tile [0, num_items).
+    """
+    section = manifest.get("index")
+    catalog = manifest.get("catalog")
+    if not isinstance(section, Mapping) or not isinstance(catalog, Mapping):
+        raise IndexStoreError(f"{where}: manifest lacks its `index` or `catalog` section")
+    layout = section.get("layout", LAYOUT_SINGLE)
+    try:
+        num_items = int(catalog["num_items"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexStoreError(f"{where}: manifest `catalog.num_items` missing or bad") from exc
+    if layout == LAYOUT_SINGLE:
+        if "shards" in section:
+            raise IndexStoreError(f"{where}: manifest has `index.shards` but layout 'single'")
+        return [ShardEntry(str(section.get("index_file")), 0, num_items)]
+    if layout != LAYOUT_SHARDS:
+        raise IndexStoreError(
+            f"{where}: unknown `index.layout` {layout!r}; known: {[LAYOUT_SINGLE, LAYOUT_SHARDS]}"
+        )
+    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise IndexStoreError(
+            f"{where}: a sharded layout needs `format_version` {SHARDED_FORMAT_VERSION}; "
+            f"got {manifest.get('format_version')!r}"
+        )
+    raw = section.get("shards")
+    if not isinstance(raw, list) or not raw:
+        raise IndexStoreError(f"{where}: sharded layout without an `index.shards` list")
+    entries, row = [], 0
+    for number, item in enumerate(raw):
+        try:
+            entry = ShardEntry(str(item["file"]), int(item["first_row"]), int(item["num_items"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexStoreError(
+                f"{where}: `index.shards[{number}]` needs file, first_row, num_items; got {item!r}"
+            ) from exc
+        if entry.first_row != row or entry.num_items < 0:
+            raise IndexStoreError(
+                f"{where}: `index.shards[{number}]` covers rows from {entry.first_row} "
+                f"({entry.num_items} items); expected rows from {row}: shards must tile the id "
+                f"table in order"
+            )
+        row += entry.num_items
+        entries.append(entry)
+    if row != num_items:
+        raise IndexStoreError(f"{where}: the shards hold {row} items; the catalog has {num_items}")
+    if len({entry.file for entry in entries}) != len(entries):
+        raise IndexStoreError(f"{where}: `index.shards` names a file twice")
+    return entries
 
 
 def _safe_member(root: Path, rel: Any) -> Path:
@@ -207,10 +280,10 @@ def verify_index_version(path: str | Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise IndexStoreError(f"{root}: manifest has no `files` table")
-    required = {
-        "index file": (manifest.get("index") or {}).get("index_file"),
-        "id table": (manifest.get("ids") or {}).get("file"),
+    required: dict[str, Any] = {
+        f"index file #{i}": entry.file for i, entry in enumerate(index_files(manifest, root))
     }
+    required["id table"] = (manifest.get("ids") or {}).get("file")
     for what, name in required.items():
         if name not in files:
             raise IndexStoreError(f"{root}: manifest `files` does not list its {what} {name!r}")
@@ -430,6 +503,45 @@ def recall_against_exact(
     return float(hits.sum(axis=1).mean() / k)
 
 
+# --------------------------------------------------------------------------- shards
+
+
+def shard_indexes(index: faiss.Index) -> list[faiss.Index] | None:
+    """The sub-indexes of a `faiss.IndexShards` (downcast, in label order), else None."""
+    concrete: Any = faiss.downcast_index(index)
+    if not isinstance(concrete, faiss.IndexShards):
+        return None
+    shards: Any = concrete  # the SWIG-derived types lack at() / count()
+    return [faiss.downcast_index(shards.at(i)) for i in range(shards.count())]
+
+
+def assemble_shards(parts: Sequence[faiss.Index]) -> faiss.IndexShards:
+    """One `faiss.IndexShards` over `parts`: label of part s's local row l = l + rows before s.
+
+    Searches run the parts on one thread each and merge their top-k, so results equal
+    one index holding all rows in order (exactly for Flat; for IVF when every part shares
+    the trained coarse quantizer). The Python wrapper keeps `parts` alive.
+
+    >>> a, b = faiss.IndexFlatIP(2), faiss.IndexFlatIP(2)
+    >>> a.add(np.array([[1, 0]], np.float32)); b.add(np.array([[0, 1], [0.6, 0.8]], np.float32))
+    >>> assemble_shards([a, b]).search(np.array([[0, 1]], np.float32), 3)[1].tolist()
+    [[1, 2, 0]]
+    """
+    if not parts:
+        raise ValueError("`parts` must hold at least one index")
+    dim = int(parts[0].d)
+    # (dim, threaded, successive_ids); mypy sees only the first SWIG overload
+    shards: Any = faiss.IndexShards(dim, True, True)  # type: ignore[call-arg]
+    for part in parts:
+        if int(part.d) != dim or part.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(
+                f"every shard must be an inner-product index of dim {dim}; got dim {part.d}, "
+                f"metric {part.metric_type}"
+            )
+        shards.add_shard(part)
+    return shards
+
+
 # --------------------------------------------------------------------------- the loaded version
 
 
@@ -473,6 +585,12 @@ class IndexVersion:
         return str(self.manifest["index"]["factory"])
 
     @property
+    def num_shards(self) -> int:
+        """1 for a single index, else the number of sub-indexes of the `faiss.IndexShards`."""
+        parts = shard_indexes(self.index)
+        return 1 if parts is None else len(parts)
+
+    @property
     def device(self) -> str:
         """Where `search` runs: "cpu", "cuda (faiss)" or "cuda (torch exact)"."""
         if self._gpu_index is not None:
@@ -500,8 +618,14 @@ class IndexVersion:
         """
         if faiss_has_gpu():
             resources = faiss.StandardGpuResources()
+            parts = shard_indexes(self.index)
             try:
-                self._gpu_index = faiss.index_cpu_to_gpu(resources, device, self.index)
+                if parts is None:
+                    self._gpu_index = faiss.index_cpu_to_gpu(resources, device, self.index)
+                else:  # the cloner has no IndexShards case: move each part, re-assemble
+                    self._gpu_index = assemble_shards(
+                        [faiss.index_cpu_to_gpu(resources, device, part) for part in parts]
+                    )
             except RuntimeError as exc:
                 raise IndexStoreError(
                     f"index {self.factory!r} cannot move to the GPU: {exc}"
@@ -559,7 +683,11 @@ class IndexVersion:
 
 
 def reconstruct_all(index: faiss.Index) -> FloatArray:
-    """Every stored vector `[ntotal, d]` (IVF indexes get a direct map first)."""
+    """Every stored vector `[ntotal, d]` (IVF indexes get a direct map first; the parts of
+    a `faiss.IndexShards` in label order)."""
+    parts = shard_indexes(index)
+    if parts is not None:
+        return np.concatenate([reconstruct_all(part) for part in parts], axis=0)
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -601,6 +729,22 @@ def read_item_ids(path: Path, expected: int) -> pa.Array:
     return ids
 
 
+def _read_index_file(path: Path, num_items: int, dim: int) -> faiss.Index:
+    """Read one index file and check it against the manifest (count, dim, metric)."""
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IndexStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
+    if index.ntotal != num_items or index.d != dim:
+        raise IndexStoreError(
+            f"{path}: holds {index.ntotal} vectors of dim {index.d}; the manifest says "
+            f"{num_items} of dim {dim}"
+        )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexStoreError(f"{path}: metric must be inner product")
+    return index
+
+
 def load_index_version(
     root: str | Path, version: str | None = None, *, verify: bool = True
 ) -> IndexVersion:
@@ -627,30 +771,23 @@ def load_index_version(
         raise IndexStoreError(
             f"{path}: manifest names version {manifest.get('version')!r}, not {name!r}"
         )
-    index_file = _safe_member(path, manifest["index"]["index_file"])
     ids_file = _safe_member(path, manifest["ids"]["file"])
-    try:
-        index = faiss.read_index(str(index_file))
-    except RuntimeError as exc:
-        raise IndexStoreError(f"{index_file}: not a readable FAISS index ({exc})") from exc
     num_items = int(manifest["catalog"]["num_items"])
     dim = int(manifest["index"]["dim"])
-    if index.ntotal != num_items or index.d != dim:
-        raise IndexStoreError(
-            f"{index_file}: holds {index.ntotal} vectors of dim {index.d}; the manifest says "
-            f"{num_items} of dim {dim}"
-        )
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise IndexStoreError(f"{index_file}: metric must be inner product")
+    entries = index_files(manifest, path)
+    parts = [_read_index_file(_safe_member(path, e.file), e.num_items, dim) for e in entries]
+    sharded = manifest["index"].get("layout", LAYOUT_SINGLE) == LAYOUT_SHARDS
+    index = assemble_shards(parts) if sharded else parts[0]
     item_ids = read_item_ids(ids_file, num_items)
     params = dict(manifest["index"].get("search_params") or {})
     apply_search_params(index, params)
     logger.info(
-        "index version %s loaded: %d items, dim %d, %s %s in %.2fs",
+        "index version %s loaded: %d items, dim %d, %s%s %s in %.2fs",
         name,
         num_items,
         dim,
         manifest["index"]["factory"],
+        f" x {len(parts)} shards" if sharded else "",
         format_search_params(params) or "(no search params)",
         time.perf_counter() - started,
     )
@@ -687,7 +824,10 @@ def write_index_version(
     Args:
         root: the index root.
         version: the new version's name.
-        index: a CPU FAISS index with inner-product metric.
+        index: a CPU FAISS index with inner-product metric, or a `faiss.IndexShards` of
+            them with successive ids (`assemble_shards`): then each part is written to its
+            own file (`shard-000.faiss`, ...), the manifest records the layout and the
+            version is readable only by code that knows it (`format_version` 2).
         add_vectors: optional `[N, D]` float32 vectors to add to `index`.
         item_ids: the N catalog ids (label r = ids[r]); strings, distinct, no nulls.
         factory: the index factory string recorded in the manifest.
@@ -704,19 +844,41 @@ def write_index_version(
         raise ValueError(f"`item_ids` has {len(ids)} ids for an index of {index.ntotal} vectors")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("`index` must use the inner-product metric")
+    parts = shard_indexes(index)
+    if parts is not None:
+        concrete: Any = faiss.downcast_index(index)
+        if not concrete.successive_ids:
+            raise ValueError("`index` is an IndexShards without successive ids")
+        if any(part.metric_type != faiss.METRIC_INNER_PRODUCT for part in parts):
+            raise ValueError("every shard of `index` must use the inner-product metric")
+    layout: dict[str, Any]
+    if parts is None:
+        layout = {"layout": LAYOUT_SINGLE, "index_file": INDEX_FILE}
+        written = [(INDEX_FILE, index)]
+    else:
+        written = [(SHARD_FILE.format(s), part) for s, part in enumerate(parts)]
+        firsts = np.cumsum([0] + [int(part.ntotal) for part in parts])
+        layout = {
+            "layout": LAYOUT_SHARDS,
+            "shards": [
+                {"file": name, "first_row": int(firsts[s]), "num_items": int(part.ntotal)}
+                for s, (name, part) in enumerate(written)
+            ],
+        }
     final = version_path(root, version)
     with atomic_directory(final) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        for name, part in written:
+            faiss.write_index(part, str(tmp / name))
         pq.write_table(pa.table({ID_COLUMN: ids}), tmp / IDS_FILE)
-        files = {name: sha256_file(tmp / name) for name in (INDEX_FILE, IDS_FILE)}
+        files = {name: sha256_file(tmp / name) for name in [n for n, _ in written] + [IDS_FILE]}
         manifest: dict[str, Any] = {
             "format": INDEX_FORMAT,
-            "format_version": INDEX_FORMAT_VERSION,
+            "format_version": INDEX_FORMAT_VERSION if parts is None else SHARDED_FORMAT_VERSION,
             "version": version,
             "created": utc_timestamp(),
             "catalog": {"num_items": int(index.ntotal)},
             "index": {
-                "index_file": INDEX_FILE,
+                **layout,
                 "factory": factory,
                 "metric": METRIC,
                 "dim": int(index.d),

@@ -81,6 +81,49 @@ def test_ivf_tuned_search_params_are_stored(
     assert faiss.extract_index_ivf(load_index_version(tmp_path).index).nprobe == params["nprobe"]
 
 
+@pytest.mark.parametrize(
+    ("factory", "params"),
+    [("Flat", {}), ("IVF16,Flat", {"search_params": {"nprobe": 4}, "recall_floor": 0.0})],
+)
+def test_sharded_build_equals_single_index_build(
+    index_bundle: Path, index_data: Path, tmp_path: Path, factory: str, params: dict
+) -> None:
+    build(index_bundle, index_data, tmp_path / "one", factory=factory, **params)
+    sharded = build(
+        index_bundle, index_data, tmp_path / "three", factory=factory, shards=3, **params
+    )
+    index = sharded.manifest["index"]
+    assert index["layout"] == "shards" and index["num_shards"] == 3
+    # 600 rows in contiguous thirds (shard_bounds), one sha256 per shard file
+    assert [(s["first_row"], s["num_items"]) for s in index["shards"]] == [
+        (0, 200),
+        (200, 200),
+        (400, 200),
+    ]
+    assert {s["file"] for s in index["shards"]} < set(sharded.manifest["files"])
+    assert sharded.manifest["build"]["options"]["shards"] == 3
+    a, b = load_index_version(tmp_path / "one"), load_index_version(tmp_path / "three")
+    assert (a.num_shards, b.num_shards) == (1, 3)
+    assert b.item_ids.equals(a.item_ids) and b.search_params == a.search_params
+    # IVF parts share the trained quantizer, so the same lists are probed in each
+    queries = np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32)
+    scores_a, rows_a = a.search(queries, k=120)
+    scores_b, rows_b = b.search(queries, k=120)
+    np.testing.assert_array_equal(rows_b, rows_a)
+    np.testing.assert_allclose(scores_b, scores_a, rtol=1e-5, atol=1e-6)
+    assert b.manifest["recall"]["recall"] == pytest.approx(a.manifest["recall"]["recall"])
+
+
+def test_more_shards_than_items_is_refused_before_embedding(
+    index_bundle: Path, index_data: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(IndexBuildError, match=r"`shards` \(601\) exceeds the catalog's 600"):
+        build(index_bundle, index_data, tmp_path, shards=NUM_ITEMS + 1)
+    with pytest.raises(ValueError, match="`shards` must be >= 1; got 0"):
+        BuildOptions(shards=0)
+    assert not (tmp_path / "CURRENT").exists()
+
+
 def test_recall_gate_refuses_a_bad_index_and_force_overrides(
     index_bundle: Path, index_data: Path, tmp_path: Path
 ) -> None:

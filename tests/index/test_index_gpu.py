@@ -1,5 +1,6 @@
 """GPU paths: building with --device cuda, GPU search (faiss-gpu, or the torch exact
-fallback), and the FAISS GPU k cap. They need a CUDA device and skip without one."""
+fallback), and the FAISS GPU k cap, for single and sharded versions. They need a CUDA
+device and skip without one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ import pytest
 import torch
 
 from index.build import BuildOptions, build_index, resolve_device
-from retrieval.index_store import GPU_MAX_K, faiss_has_gpu, load_index_version
+from retrieval.index_store import (
+    GPU_MAX_K,
+    faiss_has_gpu,
+    load_index_version,
+    reconstruct_all,
+)
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none on this machine"
@@ -28,8 +34,11 @@ def test_cuda_device_without_a_gpu_is_refused() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_build_matches_cpu_build(index_bundle: Path, index_data: Path, tmp_path: Path) -> None:
-    common: dict[str, Any] = {"progress": False, "recall_queries": 40}
+@pytest.mark.parametrize("shards", [1, 2])
+def test_cuda_build_matches_cpu_build(
+    index_bundle: Path, index_data: Path, tmp_path: Path, shards: int
+) -> None:
+    common: dict[str, Any] = {"progress": False, "recall_queries": 40, "shards": shards}
     cpu = build_index(
         index_bundle, index_data, tmp_path / "cpu", BuildOptions(device="cpu", **common)
     )
@@ -39,21 +48,23 @@ def test_cuda_build_matches_cpu_build(index_bundle: Path, index_data: Path, tmp_
     assert gpu.manifest["build"]["device"].startswith("cuda")
     assert gpu.manifest["recall"]["recall"] == pytest.approx(cpu.manifest["recall"]["recall"])
     a, b = load_index_version(tmp_path / "cpu"), load_index_version(tmp_path / "gpu")
-    vectors = a.index.reconstruct_n(0, a.num_items)
-    np.testing.assert_allclose(b.index.reconstruct_n(0, b.num_items), vectors, atol=1e-4)
+    assert b.num_shards == shards
+    np.testing.assert_allclose(reconstruct_all(b.index), reconstruct_all(a.index), atol=1e-4)
 
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("shards", [1, 2])
 def test_gpu_search_equals_cpu_search_and_caps_k(
-    index_bundle: Path, index_data: Path, tmp_path: Path
+    index_bundle: Path, index_data: Path, tmp_path: Path, shards: int
 ) -> None:
-    build_index(index_bundle, index_data, tmp_path, BuildOptions(progress=False, recall_queries=20))
+    options = BuildOptions(progress=False, recall_queries=20, shards=shards)
+    build_index(index_bundle, index_data, tmp_path, options)
     cpu = load_index_version(tmp_path)
     gpu = load_index_version(tmp_path)
     backend = gpu.to_gpu(0)
     assert backend == ("faiss" if faiss_has_gpu() else "torch")
-    queries = cpu.index.reconstruct_n(0, cpu.num_items)[::50]
+    queries = reconstruct_all(cpu.index)[::50]
     cpu_scores, cpu_rows = cpu.search(queries, 100)
     gpu_scores, gpu_rows = gpu.search(queries, 100)
     np.testing.assert_allclose(gpu_scores, cpu_scores, atol=1e-4)

@@ -1,5 +1,6 @@
 """Sharded embedding: a real 2-process gloo group running `python -m index`'s entry point
-builds the same index as the single-process job."""
+builds the same index as the single-process job; asked for `--shards 2`, rank 0 publishes
+it as two index files searched as one faiss.IndexShards, with the same rows and results."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 from index_fixtures import WORLD_SIZE, sharded_rank_main
 
 from index.build import BuildOptions, build_index
-from retrieval.index_store import load_index_version, read_current
+from retrieval.index_store import load_index_version, read_current, reconstruct_all
 
 
 def _free_port() -> int:
@@ -21,7 +22,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_process_build_equals_single_process_build(
+def test_two_process_two_shard_build_equals_single_process_build(
     index_bundle: Path, index_data: Path, tmp_path: Path
 ) -> None:
     common = ["--model", str(index_bundle), "--data", str(index_data), "--no-progress"]
@@ -30,7 +31,7 @@ def test_two_process_build_equals_single_process_build(
 
     sharded_root = tmp_path / "sharded"
     args = [*common, "--out", str(sharded_root), "--batch-size", "100", "--recall-queries", "40"]
-    args += ["--threads", "1"]
+    args += ["--threads", "1", "--shards", "2"]
     mp.spawn(
         sharded_rank_main, args=(_free_port(), args, str(tmp_path)), nprocs=WORLD_SIZE, join=True
     )
@@ -43,8 +44,10 @@ def test_two_process_build_equals_single_process_build(
     assert a.manifest["build"]["world_size"] == 1
     assert b.item_ids.equals(a.item_ids)
     assert (b.num_items, b.dim, b.factory) == (a.num_items, a.dim, a.factory)
-    vectors_a = a.index.reconstruct_n(0, a.num_items)
-    vectors_b = b.index.reconstruct_n(0, b.num_items)
+    assert (a.num_shards, b.num_shards) == (1, 2)
+    assert [s["num_items"] for s in b.manifest["index"]["shards"]] == [300, 300]
+    vectors_a = reconstruct_all(a.index)
+    vectors_b = reconstruct_all(b.index)  # shard 0's rows, then shard 1's
     # same rows in the same order; batch shapes differ, so allow float rounding only
     np.testing.assert_allclose(vectors_b, vectors_a, rtol=0, atol=1e-6)
     queries = vectors_a[::37]

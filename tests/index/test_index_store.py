@@ -3,6 +3,7 @@ search, id mapping, checksums, unsafe paths, listing and the recall formula."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -17,11 +18,14 @@ from retrieval.index_store import (
     CURRENT_FILE,
     ChecksumMismatchError,
     IndexStoreError,
+    assemble_shards,
     list_versions,
     load_index_version,
     parse_search_params,
     read_current,
     recall_against_exact,
+    reconstruct_all,
+    shard_indexes,
     verify_index_version,
     write_index_version,
 )
@@ -192,3 +196,123 @@ def test_search_params_are_applied_and_recorded(tmp_path: Path) -> None:
     assert parse_search_params("nprobe=3,efSearch=40") == {"nprobe": 3, "efSearch": 40}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_search_params("nprobes=3")
+
+
+# --------------------------------------------------------------------------- sharded versions
+
+
+def write_sharded(root: Path, name: str, vectors: np.ndarray, ids: pa.Array, cuts: list[int]):
+    """Flat parts over the contiguous rows between `cuts` (e.g. [0, 3, 7, N])."""
+    parts = []
+    for start, end in itertools.pairwise(cuts):
+        part = faiss.IndexFlatIP(vectors.shape[1])
+        part.add(vectors[start:end])
+        parts.append(part)
+    return write_index_version(root, name, assemble_shards(parts), None, ids)
+
+
+def test_sharded_flat_round_trip_equals_single_index(tmp_path: Path) -> None:
+    vectors = unit_vectors(300, 8)
+    ids = pa.array([f"id-{i}" for i in range(300)])
+    write_flat(tmp_path, "single", vectors, ids)
+    path = write_sharded(tmp_path, "sharded", vectors, ids, [0, 97, 98, 300])  # uneven sizes
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["index"]["layout"] == "shards"
+    assert manifest["index"]["shards"] == [
+        {"file": "shard-000.faiss", "first_row": 0, "num_items": 97},
+        {"file": "shard-001.faiss", "first_row": 97, "num_items": 1},
+        {"file": "shard-002.faiss", "first_row": 98, "num_items": 202},
+    ]
+    assert "index_file" not in manifest["index"]
+    assert set(manifest["files"]) == {f"shard-00{s}.faiss" for s in range(3)} | {"ids.parquet"}
+    assert all(len(digest) == 64 for digest in manifest["files"].values())
+
+    single = load_index_version(tmp_path, "single")
+    sharded = load_index_version(tmp_path, "sharded")
+    assert (sharded.num_shards, single.num_shards) == (3, 1)
+    assert (sharded.num_items, sharded.dim) == (300, 8)
+    queries = unit_vectors(7, 8, seed=2)
+    scores, rows = sharded.search(queries, k=310)  # k > N: padded like the single index
+    ref_scores, ref_rows = single.search(queries, k=310)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-6)
+    assert sharded.ids_of(rows[:, :5]) == single.ids_of(ref_rows[:, :5])
+    # each item is its own nearest neighbour: row r of every shard comes back as r
+    _, own = sharded.search(vectors[[0, 96, 97, 98, 299]], k=1)
+    assert own[:, 0].tolist() == [0, 96, 97, 98, 299]
+    np.testing.assert_allclose(reconstruct_all(sharded.index), vectors, atol=1e-7)
+
+
+def test_sharded_ivf_search_params_reach_every_shard(tmp_path: Path) -> None:
+    vectors = unit_vectors(400, 8)
+    trained = faiss.index_factory(8, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors)
+    parts = []
+    for start, end in ((0, 150), (150, 400)):
+        part = faiss.clone_index(trained)
+        part.add(vectors[start:end])
+        parts.append(part)
+    single = faiss.clone_index(trained)
+    single.add(vectors)
+    ids = pa.array([str(i) for i in range(400)])
+    write_index_version(
+        tmp_path, "v1", assemble_shards(parts), None, ids, search_params={"nprobe": 3}
+    )
+    version = load_index_version(tmp_path, "v1")
+    parts_loaded = shard_indexes(version.index)
+    assert parts_loaded is not None
+    assert [faiss.extract_index_ivf(p).nprobe for p in parts_loaded] == [3, 3]
+    faiss.extract_index_ivf(single).nprobe = 3
+    queries = unit_vectors(9, 8, seed=3)
+    np.testing.assert_array_equal(version.search(queries, 40)[1], single.search(queries, 40)[1])
+    version.set_search_params(nprobe=8)
+    assert [faiss.extract_index_ivf(p).nprobe for p in parts_loaded] == [8, 8]
+
+
+def test_corrupt_or_missing_shard_is_refused(tmp_path: Path) -> None:
+    vectors = unit_vectors(30, 4)
+    ids = pa.array([str(i) for i in range(30)])
+    path = write_sharded(tmp_path, "v1", vectors, ids, [0, 10, 20, 30])
+    verify_index_version(path)
+    shard = path / "shard-002.faiss"  # the last shard: every shard's sha256 is checked
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[-1] ^= 0xFF  # flip the bits of one stored float
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"shard-002\.faiss: checksum mismatch"):
+        load_index_version(tmp_path, "v1")
+    shard.unlink()
+    with pytest.raises(IndexStoreError, match=r"missing: \['shard-002.faiss'\]"):
+        load_index_version(tmp_path, "v1")
+    shard.write_bytes(original)
+    assert load_index_version(tmp_path, "v1").num_items == 30
+
+
+@pytest.mark.parametrize(
+    ("shard", "change", "message"),
+    [
+        (1, {"first_row": 11}, "expected rows from 10"),
+        (2, {"num_items": 9}, "the shards hold 29 items; the catalog has 30"),
+        (1, {"file": "shard-000.faiss"}, "names a file twice"),
+        (0, {"first_row": "zero"}, "needs file, first_row, num_items"),
+    ],
+)
+def test_inconsistent_shard_table_is_refused(
+    tmp_path: Path, shard: int, change: dict[str, object], message: str
+) -> None:
+    ids = pa.array([str(i) for i in range(30)])
+    path = write_sharded(tmp_path, "v1", unit_vectors(30, 4), ids, [0, 10, 20, 30])
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["index"]["shards"][shard].update(change)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStoreError, match=message):
+        load_index_version(tmp_path, "v1", verify=False)
+
+
+def test_sharded_version_needs_format_version_2(tmp_path: Path) -> None:
+    path = write_sharded(tmp_path, "v1", unit_vectors(6, 4), pa.array(list("abcdef")), [0, 3, 6])
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1  # what a reader that knows only one index file accepts
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStoreError, match="sharded layout needs `format_version` 2"):
+        verify_index_version(path)
