@@ -38,8 +38,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--factory",
         help="FAISS index_factory string, e.g. Flat, IVF4000,Flat, IVF4000,PQ32, HNSW32,Flat "
-        "(default: by catalog size: Flat up to 200k items, IVF{4 sqrt N},Flat up to 5M, "
-        "IVF{4 sqrt N},SQ8 above)",
+        "(default: by catalog size: Flat up to 200k items, IVF{4 sqrt N},SQ8 above)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, default=8192, help="catalog rows per step")

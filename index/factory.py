@@ -2,27 +2,33 @@
 
 Default factory by catalog size N (inner product over L2-normalised embeddings):
 
-    N <= 200,000          "Flat"                 exact; 1M x 64 floats would be 256 MB too,
-                                                 but exact search at k=1000 costs ~N*D per query
-    200,000 < N <= 5M     "IVF{nlist},Flat"      nlist = 4 sqrt(N) (4,000 at 1M); lists keep
-                                                 full vectors, so recall depends on nprobe only
-    N > 5M                "IVF{nlist},SQ8"       8-bit scalar codes: 4x smaller than Flat
-                                                 (640 MB at 10M x 64), near-exact scores
+    N <= 200,000    "Flat"              exact; 1M x 64 floats would be 256 MB too,
+                                        but exact search at k=1000 costs ~N*D per query
+    N > 200,000     "IVF{nlist},SQ8"    nlist = 4 sqrt(N) (4,000 at 1M); 8-bit scalar codes:
+                                        ~4x smaller than Flat (253 -> 70 MiB at 1M x 64) and
+                                        the same recall, and at k = 1000 a query scans a
+                                        fifth of the catalog or more, so the scan is
+                                        memory-bound: the smaller codes cut its time by a third
 
 Search params are not guessed: `tune_search_params` tries nprobe (IVF) or efSearch (HNSW)
-in increasing cost order on held-out real queries and keeps the cheapest setting whose
-ANN recall@k against exact search reaches the target. Measured by bench/bench_index.py on
-the 1M-item synthetic catalog (D = 64, k = 1000, 300 held-out real queries, 2 shared
-cores; results in bench/results/bench_index_1m.txt):
+in increasing cost order on held-out real queries, then bisects between the last setting
+that missed and the first that reached the target, and keeps the cheapest setting whose
+ANN recall@k against exact search reaches it. Measured by bench/bench_index.py on the
+1M-item synthetic catalog with a model trained one epoch (D = 64, k = 1000, 300 held-out
+real queries, one thread, 2-core AMD EPYC machine shared with another job;
+bench/results/bench_index_1m_trained.txt), each at the nprobe its tuning chose:
 
-    IVF4000,Flat   nprobe=256   recall 0.965   253 MiB   batch-1 2.3 ms   (the default)
-    IVF4000,SQ8    nprobe=256   recall 0.963    70 MiB   batch-1 2.3 ms
-    IVF4000,PQ32   nprobe=4000  recall 0.871    39 MiB   (PQ error caps recall@1000)
-    HNSW32,Flat    efSearch=2000 recall 0.963  504 MiB   batch-1 23 ms, 443 s to build
+    IVF4000,Flat   nprobe=896   recall 0.966   253 MiB   batch-1 3.25 ms   batch-64 208 ms
+    IVF4000,SQ8    nprobe=896   recall 0.964    70 MiB   batch-1 2.20 ms   batch-64 137 ms
+    IVF1024,SQ8    nprobe=448   recall 0.966    69 MiB   batch-1 2.88 ms   batch-64 172 ms
+
+(the default is IVF4000,SQ8; without the bisection its tuning stops at nprobe 1024.)
+A briefly trained model's embeddings are far easier: IVF4000 at nprobe=256 reached 0.965
+(bench/results/bench_index_1m.txt); a trained one needs ~20 % of the lists for 0.95.
 
 Example:
     >>> choose_factory(1_000, 64), choose_factory(1_000_000, 64), choose_factory(10_000_000, 64)
-    ('Flat', 'IVF4000,Flat', 'IVF12649,SQ8')
+    ('Flat', 'IVF4000,SQ8', 'IVF12649,SQ8')
     >>> default_nlist(1_000_000)
     4000
 """
@@ -52,7 +58,6 @@ from retrieval.index_store import (
 logger = logging.getLogger(__name__)
 
 FLAT_MAX_ITEMS = 200_000  # exact search up to this catalog size
-COMPRESSED_MIN_ITEMS = 5_000_000  # scalar-quantized lists above this size
 TRAIN_POINTS_PER_LIST = 40  # k-means sample per coarse centroid (faiss warns below 39)
 MIN_TRAIN_POINTS = 20_000  # PQ / SQ training needs a few thousand vectors at least
 ADD_CHUNK_ROWS = 65_536  # vectors added per `index.add` call (bounded extra memory)
@@ -73,10 +78,7 @@ def choose_factory(num_items: int, dim: int) -> str:
         raise ValueError(f"`num_items` and `dim` must be >= 1; got {num_items}, {dim}")
     if num_items <= FLAT_MAX_ITEMS:
         return "Flat"
-    nlist = default_nlist(num_items)
-    if num_items <= COMPRESSED_MIN_ITEMS:
-        return f"IVF{nlist},Flat"
-    return f"IVF{nlist},SQ8"
+    return f"IVF{default_nlist(num_items)},SQ8"
 
 
 def create_index(factory: str, dim: int) -> faiss.Index:
@@ -501,6 +503,26 @@ def candidate_search_params(index: faiss.Index, k: int) -> list[dict[str, Any]]:
     return [{}]
 
 
+def _bisect_knob(
+    missed: dict[str, Any], passed: dict[str, Any], reaches: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The smallest value of the one knob in `passed` that still reaches the target, found
+    by bisection between `missed` (below the target) and `passed`, in steps >= passed / 8.
+
+    >>> _bisect_knob({"nprobe": 512}, {"nprobe": 1024}, lambda p: p["nprobe"] >= 700)
+    {'nprobe': 768}
+    """
+    (name, high), (_, low) = next(iter(passed.items())), next(iter(missed.items()))
+    step = max(1, int(high) // 8)
+    while int(high) - int(low) > step:
+        middle = (int(low) + int(high)) // 2
+        if reaches({name: middle}):
+            high = middle
+        else:
+            low = middle
+    return {name: int(high)}
+
+
 def tune_search_params(
     index: faiss.Index,
     vectors: FloatArray,
@@ -511,21 +533,32 @@ def tune_search_params(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The cheapest search setting reaching `target` recall on `truth` (or `explicit`).
 
+    The candidates (`candidate_search_params`) double in cost; once one reaches the target,
+    the single knob (nprobe or efSearch) is bisected between it and the candidate before
+    it, down to steps of an eighth of the passing value: a 1M-item IVF that misses at
+    nprobe 512 and passes at 1024 usually passes near 768, a third less search work.
+
     Returns:
         (chosen params, trials), each trial {params, recall, seconds}. When no candidate
         reaches the target the most expensive one tried is returned (the gate decides).
     """
     candidates = [dict(explicit)] if explicit else candidate_search_params(index, truth.k)
     trials: list[dict[str, Any]] = []
-    chosen = candidates[-1]
-    for params in candidates:
+
+    def reaches(params: dict[str, Any]) -> bool:
         recall, seconds = measure_recall(index, vectors, truth, params)
         trials.append({"params": params, "recall": round(recall, 5), "seconds": round(seconds, 4)})
         logger.info(
             "search params %s: recall@%d %.4f (%.2fs)", params or "-", truth.k, recall, seconds
         )
-        if recall >= target:
+        return recall >= target
+
+    chosen = candidates[-1]
+    for i, params in enumerate(candidates):
+        if reaches(params):
             chosen = params
+            if i > 0 and len(params) == 1:
+                chosen = _bisect_knob(candidates[i - 1], params, reaches)
             break
     apply_search_params(index, chosen)
     return chosen, trials

@@ -32,7 +32,7 @@ def clustered(n: int, d: int = 16, clusters: int = 20, seed: int = 0) -> np.ndar
 
 def test_default_factory_by_catalog_size() -> None:
     assert choose_factory(200_000, 64) == "Flat"
-    assert choose_factory(200_001, 64) == f"IVF{default_nlist(200_001)},Flat"
+    assert choose_factory(200_001, 64) == f"IVF{default_nlist(200_001)},SQ8"
     assert default_nlist(1_000_000) == 4000  # 4 * sqrt(1e6)
     assert choose_factory(5_000_001, 64).endswith(",SQ8")
     with pytest.raises(ValueError, match="`num_items` and `dim` must be >= 1"):
@@ -113,8 +113,28 @@ def test_tuning_picks_the_cheapest_nprobe_reaching_the_target() -> None:
     queries = clustered(40, clusters=40, seed=4)
     truth = GroundTruth(queries, exact_search(queries, items, 100)[0], 100, len(items))
     params, trials = tune_search_params(index, items, truth, target=0.9)
-    recalls = [t["recall"] for t in trials]
+    recall = {t["params"]["nprobe"]: t["recall"] for t in trials}
     assert trials[0]["params"]["nprobe"] == 8
-    assert recalls[-1] >= 0.9 and all(r < 0.9 for r in recalls[:-1])
-    assert params == trials[-1]["params"]
+    assert recall[params["nprobe"]] >= 0.9  # the chosen setting reaches the target
+    assert all(r < 0.9 for p, r in recall.items() if p < params["nprobe"])  # nothing cheaper did
     assert faiss.extract_index_ivf(index).nprobe == params["nprobe"]
+
+
+def test_tuning_bisects_between_the_doubling_steps() -> None:
+    items = clustered(4000, clusters=4000)  # no real clusters: recall grows slowly with nprobe
+    index, _ = train_and_fill("IVF64,Flat", items, seed=0)
+    queries = clustered(40, clusters=40, seed=4)
+    truth = GroundTruth(queries, exact_search(queries, items, 100)[0], 100, len(items))
+    _, sweep = tune_search_params(index, items, truth, target=0.999)  # full doubling sweep
+    doubling = {t["params"]["nprobe"]: t["recall"] for t in sweep}
+    passing = sorted(p for p, r in doubling.items() if r >= 0.95)
+    first = passing[0]
+    assert first > 8, "the test needs a target that the first candidate misses"
+    params, trials = tune_search_params(index, items, truth, target=0.95)
+    tried = [t["params"]["nprobe"] for t in trials]
+    between = [p for p in tried if first // 2 < p < first]
+    assert between, f"no bisection between {first // 2} and {first}: tried {tried}"
+    assert params["nprobe"] <= first
+    recall = {t["params"]["nprobe"]: t["recall"] for t in trials}
+    assert recall[params["nprobe"]] >= 0.95
+    assert all(r < 0.95 for p, r in recall.items() if p < params["nprobe"])
