@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="server torch and FAISS threads")
-    parser.add_argument("--batch-workers", type=int, default=1, help="server batch workers")
+    parser.add_argument("--batch-workers", type=int, default=2, help="server batch workers")
     parser.add_argument("--floor-repeats", type=int, default=200, help="batches per floor size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -413,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         "in_process_floor": floors,
         "c1_mean_over_floor": ratio,
     }
-    emit(report, format_table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    emit(report, format_table(report))
     return 0
 
 

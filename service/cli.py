@@ -128,7 +128,7 @@ def register_serve(subparsers: Any) -> None:
     parser.add_argument("--max-batch-size", type=int, help="queries per batch (default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batch wait after its first query")
     parser.add_argument(
-        "--batch-workers", type=int, help="micro-batches run at once, a thread each (default 1)"
+        "--batch-workers", type=int, help="micro-batches run at once, a thread each (default 2)"
     )
     parser.add_argument("--torch-threads", type=int, help="torch threads (default 1)")
     parser.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads (default 1)")

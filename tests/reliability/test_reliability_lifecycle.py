@@ -27,8 +27,12 @@ def test_row6_slow_tower_gives_504_at_the_deadline_and_frees_the_slots(
 ) -> None:
     # (one 504 alone: tests/service/test_service_live.py::test_deadline_answers_504)
     timeout_s = 0.3
-    settings = make_settings(
-        request_timeout_s=timeout_s, max_in_flight=2, max_batch_size=1, max_wait_ms=0
+    settings = make_settings(  # one batch worker: the second request queues behind the first
+        request_timeout_s=timeout_s,
+        max_in_flight=2,
+        max_batch_size=1,
+        max_wait_ms=0,
+        batch_workers=1,
     )
     with live_server(settings) as server:
         services = server.services
