@@ -38,7 +38,7 @@ unit: venv
 
 test: lint typecheck unit
 
-# The long rows of the reliability suite (docs/reliability.md): about 45 minutes with the
+# The long rows of the reliability suite (docs/reliability.md): about 40 minutes with the
 # defaults; SOAK_ARGS="--minutes 5 --row17-s 30 --kills 10" for a short form.
 SOAK_ARGS ?=
 soak: venv

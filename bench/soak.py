@@ -483,6 +483,31 @@ def step_redis_fault(url: str, args: argparse.Namespace, redis: Redis, pid: int,
     }  # fmt: skip
 
 
+def server_histogram(url: str) -> dict[float, float]:
+    """Cumulative counts per bucket bound of the service's own latency histogram for
+    answered (200) POST /v1/retrieve requests, from /metrics."""
+    counts: dict[float, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if (
+            line.startswith("retrieval_http_request_duration_seconds_bucket{")
+            and 'route="/v1/retrieve"' in line
+            and 'status="200"' in line
+        ):
+            bound = line.split('le="')[1].split('"')[0]
+            counts[float("inf") if bound == "+Inf" else float(bound)] = float(line.split()[-1])
+    return counts
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> Any:
+    """Upper bucket bound (ms) holding the q-quantile of the requests between two scrapes."""
+    delta = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    for bound, count in delta.items():
+        if total and count >= q * total:
+            return "inf" if bound == float("inf") else round(bound * 1000, 1)
+    return None
+
+
 def step_soak(url: str, args: argparse.Namespace, redis: Redis, pid: int, rate: float) -> dict:
     """Row 18: `--minutes` at 60 % of capacity, swaps every 30 s, a Redis restart half-way."""
     seconds = args.minutes * 60
@@ -507,10 +532,16 @@ def step_soak(url: str, args: argparse.Namespace, redis: Redis, pid: int, rate: 
                 result["redis_back_at"] = time.monotonic()
         result["swaps"] = swaps
 
+    url = f"http://127.0.0.1:{args.port}"
+    histogram_before = server_histogram(url)
     thread = threading.Thread(target=background)
     thread.start()
     samples = asyncio.run(open_loop(args.port, args, rate, seconds))
     thread.join()
+    histogram_after = server_histogram(url)
+    by_minute: dict[int, list[float]] = {}
+    for sample in samples:
+        by_minute.setdefault(int((sample[0] - samples[0][0]) // 60), []).append(sample[1])
     set_current(args.index, args.v1)
     errors = [s for s in samples if s[2] != 200 and not (s[2] == 503 and s[3] == "user")]
     start = samples[0][0] if samples else 0.0
@@ -534,6 +565,11 @@ def step_soak(url: str, args: argparse.Namespace, redis: Redis, pid: int, rate: 
         "rss_mib_first_last_max": [round(rss[warm - 1], 1), round(rss[-1], 1), round(max(rss), 1)]
         if rss else None,
         "errors_by_minute": per_minute,
+        # client latency counts from each scheduled send (the generator's own lag included);
+        # the server's: its histogram for the answered requests (upper bucket bound)
+        "client_p99_ms_by_minute": [pct(v, 99) for _, v in sorted(by_minute.items())],
+        "server_p50_ms_at_most": histogram_quantile(histogram_before, histogram_after, 0.5),
+        "server_p99_ms_at_most": histogram_quantile(histogram_before, histogram_after, 0.99),
         "error_statuses": sorted({str(e[2]) for e in errors}),
         "open_files_first_last_max": [fds[warm - 1], fds[-1], max(fds)] if fds else None,
     }  # fmt: skip
@@ -660,6 +696,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overload-in-flight", type=int, default=32, help="admission limit of the row 5 instance"
     )
+    parser.add_argument(
+        "--steps",
+        default="5,9,7,8,18,15,14",
+        help="rows to run, in this order (capacity always runs first)",
+    )
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
 
@@ -693,29 +734,40 @@ def main(argv: list[str] | None = None) -> int:
         log("capacity")
         capacity = step_capacity(url, args)
         rows["capacity"] = capacity
-        log(f"row 5: 3 x {capacity['sustainable_qps']} QPS")
-        # row 5 on a second instance whose admission limit is sized for its latency target
-        main_port, args.port = args.port, free_port()
-        gated = start_service(args, args.port, redis.url, args.overload_in_flight)
-        try:
-            rows["5 overload 3x"] = step_overload(url, args, capacity)
-            rows["5 overload 3x"]["max_in_flight"] = args.overload_in_flight
-        finally:
-            gated.send_signal(signal.SIGTERM)
-            gated.wait(timeout=30)
-            args.port = main_port
-        log("rows 9 + 17: threads and swaps")
-        rows["9+17 swaps, 8 threads"] = step_swaps_threads(url, args, proc.pid)
-        log("row 7: redis SIGKILL")
-        rows["7 redis killed"] = step_redis_fault(url, args, redis, proc.pid, "kill")
-        log("row 8: redis SIGSTOP/SIGCONT")
-        rows["8 redis hung"] = step_redis_fault(url, args, redis, proc.pid, "stop")
-        log(f"row 18: {args.minutes} min at 60 %")
-        rows["18 soak"] = step_soak(url, args, redis, proc.pid, capacity["sustainable_qps"])
-        log("row 15: SIGTERM under load")
-        rows["15 sigterm"] = step_sigterm(url, args, proc)
-        log(f"row 14: {args.kills} killed index builds")
-        rows["14 killed builds"] = step_kills(args)
+        steps = [step.strip() for step in args.steps.split(",")]
+        for step in steps:
+            if step == "5":
+                log(f"row 5: 3 x {capacity['sustainable_qps']} QPS")
+                # on a second instance whose admission limit is sized for its latency target
+                main_port, args.port = args.port, free_port()
+                gated = start_service(args, args.port, redis.url, args.overload_in_flight)
+                try:
+                    rows["5 overload 3x"] = step_overload(url, args, capacity)
+                    rows["5 overload 3x"]["max_in_flight"] = args.overload_in_flight
+                finally:
+                    gated.send_signal(signal.SIGTERM)
+                    gated.wait(timeout=30)
+                    args.port = main_port
+            elif step == "9":
+                log("rows 9 + 17: threads and swaps")
+                rows["9+17 swaps, 8 threads"] = step_swaps_threads(url, args, proc.pid)
+            elif step == "7":
+                log("row 7: redis SIGKILL")
+                rows["7 redis killed"] = step_redis_fault(url, args, redis, proc.pid, "kill")
+            elif step == "8":
+                log("row 8: redis SIGSTOP/SIGCONT")
+                rows["8 redis hung"] = step_redis_fault(url, args, redis, proc.pid, "stop")
+            elif step == "18":
+                log(f"row 18: {args.minutes} min at 60 %")
+                rows["18 soak"] = step_soak(url, args, redis, proc.pid, capacity["sustainable_qps"])
+            elif step == "15":
+                log("row 15: SIGTERM under load")
+                rows["15 sigterm"] = step_sigterm(url, args, proc)
+            elif step == "14":
+                log(f"row 14: {args.kills} killed index builds")
+                rows["14 killed builds"] = step_kills(args)
+            else:
+                raise SystemExit(f"unknown step {step!r}")
     finally:
         if proc.poll() is None:
             proc.kill()
