@@ -1,8 +1,8 @@
-"""Fixtures of the service tests: a Flat index of the tiny bundle, settings, Redis prefixes."""
+"""Fixtures of the service tests: settings for the tiny artifacts, Redis prefixes (the tiny
+bundle, dataset and Flat index come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,27 +10,9 @@ from typing import Any
 
 import pytest
 import redis
-from service_fixtures import SHARED_REDIS_URL, build_flat_index, delete_prefix
+from service_fixtures import SHARED_REDIS_URL, delete_prefix
 
 from service.settings import ServiceSettings
-
-
-@pytest.fixture(scope="session")
-def tiny_index(
-    tiny_bundle: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """An index root whose CURRENT is a Flat version of the tiny catalog (do not modify)."""
-    root = tmp_path_factory.mktemp("tiny-index") / "index"
-    build_flat_index(tiny_bundle, tiny_dataset, root)
-    return root
-
-
-@pytest.fixture
-def index_copy(tiny_index: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny index root (for swap tests)."""
-    root = tmp_path / "index"
-    shutil.copytree(tiny_index, root, ignore=shutil.ignore_patterns(".lock"))
-    return root
 
 
 @pytest.fixture
