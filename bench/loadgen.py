@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LoadResult", "closed_loop", "open_loop"]
+__all__ = ["Connection", "LoadResult", "closed_loop", "open_loop"]
 
 
 def _check_loopback(host: str) -> None:
@@ -70,13 +70,15 @@ class LoadResult:
         return out
 
 
-class _Connection:
-    """One keep-alive connection; `post` sends a prepared request and reads the answer."""
+class Connection:
+    """One keep-alive connection; `post` sends a prepared request and reads the answer
+    (its ``Retry-After`` header, if any, is kept in `retry_after`)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.retry_after: str | None = None
 
     async def _open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -96,6 +98,7 @@ class _Connection:
         status = int(head[9:12])
         length = 0
         close = False
+        self.retry_after = None
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -103,6 +106,8 @@ class _Connection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
+            elif name == b"retry-after":
+                self.retry_after = value.strip().decode()
         if length:
             await self.reader.readexactly(length)
         if close:
@@ -125,7 +130,7 @@ def _requests(
 
 
 async def _send(
-    conn: _Connection, request: bytes, result: LoadResult, timeout_s: float
+    conn: Connection, request: bytes, result: LoadResult, timeout_s: float
 ) -> tuple[bool, int]:
     try:
         status, size = await asyncio.wait_for(conn.post(request), timeout_s)
@@ -173,7 +178,7 @@ async def closed_loop(
     measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
 
     async def worker(offset: int) -> None:
-        conn = _Connection(host, port)
+        conn = Connection(host, port)
         i = offset
         try:
             while (sent := time.perf_counter()) < stop_at:
@@ -210,9 +215,9 @@ async def open_loop(
     _check_loopback(host)
     requests = _requests(host, port, path, bodies, headers or {})
     result = LoadResult(duration_s=duration_s)
-    idle: asyncio.Queue[_Connection] = asyncio.Queue()
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
-        idle.put_nowait(_Connection(host, port))
+        idle.put_nowait(Connection(host, port))
     start = time.perf_counter() + 0.05
     measure_from = start + warmup_s
     total = int((warmup_s + duration_s) * rate)

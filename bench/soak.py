@@ -53,6 +53,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen
 from common import emit, machine
 
 PY = sys.executable
@@ -235,49 +236,20 @@ def body(args: argparse.Namespace, i: int) -> tuple[str, dict[str, Any]]:
     return "inline", {"query": {}, "k": 100}
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection to loopback, a prepared request at a time (the
-    lean client of bench/loadgen.py, keeping each answer's status and Retry-After)."""
+class Connection(loadgen.Connection):
+    """A `loadgen.Connection` to 127.0.0.1 whose `answer` gives (status, Retry-After)."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        super().__init__("127.0.0.1", port)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def post(self, request: bytes, timeout_s: float) -> tuple[int, str | None]:
+    async def answer(self, request: bytes, timeout_s: float) -> tuple[int, str | None]:
         """(status, Retry-After) of the answer; status 0 when the connection failed."""
         try:
-            return await asyncio.wait_for(self._post(request), timeout_s)
+            status, _ = await asyncio.wait_for(self.post(request), timeout_s)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             self.close()
             return 0, None
-
-    async def _post(self, request: bytes) -> tuple[int, str | None]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status, length, retry, close = int(head[9:12]), 0, None, False
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"retry-after":
-                retry = value.strip().decode()
-            elif name == b"connection" and value.strip().lower() == b"close":
-                close = True
-        if length:
-            await self.reader.readexactly(length)
-        if close:
-            self.close()
-        return status, retry
+        return status, self.retry_after
 
 
 def prepared(args: argparse.Namespace, port: int, i: int) -> tuple[str, bytes]:
@@ -300,7 +272,7 @@ async def closed_loop(port: int, args: argparse.Namespace, clients: int, seconds
         conn, i = Connection(port), offset
         while (sent := time.monotonic()) < end and len(out) < 10_000_000:
             kind, request = requests[i % len(requests)]
-            status, _ = await conn.post(request, 10.0)
+            status, _ = await conn.answer(request, 10.0)
             out.append((sent, time.monotonic() - sent, status, kind))
             i += clients
             if status == 0:
@@ -327,7 +299,7 @@ async def open_loop(
         kind, request = requests[i % len(requests)]
         conn = await idle.get()
         try:
-            status, retry = await conn.post(request, 10.0)
+            status, retry = await conn.answer(request, 10.0)
         finally:
             idle.put_nowait(conn)
         out.append((due, time.monotonic() - due, status, kind, retry))
