@@ -14,25 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from reliability_fixtures import run_load
-from service_fixtures import RedisProcess, live_server
+from service_fixtures import RedisProcess, live_server, push
 
-from retrieval.bundle import load_bundle
-from service.feature_store import push_features
-from service.query import QuerySchema
 from service.settings import ServiceSettings
 
 pytestmark = pytest.mark.redis
-
-
-def push(url: str, data: Path, model: Path, prefix: str) -> None:
-    schema = QuerySchema.from_schema(load_bundle(model).encoder.schema)
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        push_features(client, data, list(schema.columns), schema.history_length, prefix=prefix)
-    finally:
-        client.close()
 
 
 def test_row7_short_redis_killed_mid_load_then_restarted(

@@ -29,6 +29,8 @@ from retrieval.index_store import (
     write_index_version,
 )
 from service.app import create_app
+from service.feature_store import push_features
+from service.query import QuerySchema
 from service.server import ServiceServer, uvicorn_config
 from service.settings import ServiceSettings
 
@@ -279,3 +281,14 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}*", count=500))
     for start in range(0, len(keys), 500):
         client.delete(*keys[start : start + 500])
+
+
+def push(url: str, data: Path, model: Path, prefix: str) -> None:
+    """Load the users of dataset `data` into the Redis at `url` under `prefix` (the
+    features the bundle at `model` queries with)."""
+    schema = QuerySchema.from_schema(load_bundle(model).encoder.schema)
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        push_features(client, data, list(schema.columns), schema.history_length, prefix=prefix)
+    finally:
+        client.close()

@@ -15,29 +15,19 @@ from service_fixtures import (
     RedisProcess,
     free_port,
     live_server,
+    push,
     set_current,
     wait_until,
     write_subset_version,
 )
 
 from index.publish import announce_version
-from retrieval.bundle import load_bundle
 from retrieval.cli import main as retrieval_main
 from retrieval.index_store import read_current
-from service.feature_store import META_KEY, push_features
-from service.query import QuerySchema
+from service.feature_store import META_KEY
 from service.settings import ServiceSettings
 
 pytestmark = pytest.mark.redis
-
-
-def push(url: str, data: Path, model: Path, prefix: str) -> None:
-    schema = QuerySchema.from_schema(load_bundle(model).encoder.schema)
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        push_features(client, data, list(schema.columns), schema.history_length, prefix=prefix)
-    finally:
-        client.close()
 
 
 def test_features_push_cli_writes_records_and_meta(
