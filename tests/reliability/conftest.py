@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from service_fixtures import settings_factory
 
 from service.settings import ServiceSettings
 
@@ -20,18 +20,6 @@ def make_settings(
     tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path
 ) -> Callable[..., ServiceSettings]:
     """Settings for the tiny artifacts on a free loopback port; keyword arguments override."""
-    from service_fixtures import free_port
-
-    def make(**overrides: Any) -> ServiceSettings:
-        values: dict[str, Any] = {
-            "model_dir": tiny_bundle,
-            "index_root": tiny_index,
-            "data_dir": tiny_dataset,
-            "port": free_port(),
-            "index_poll_s": 0.05,
-            "max_wait_ms": 1.0,
-        }
-        values.update(overrides)
-        return ServiceSettings(**values)
-
-    return make
+    return settings_factory(
+        tiny_bundle, tiny_index, tiny_dataset, own_port=True, index_poll_s=0.05, max_wait_ms=1.0
+    )

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import torch
 from service_fixtures import wait_until
 
 # --------------------------------------------------------------------------- fault injection
@@ -37,26 +36,6 @@ class SearchSpy:
             return original(query_emb, k)
 
         current.search = search
-
-
-def slow_embed(services: Any, delay_s: float, batches: int | None = None) -> Callable[[], None]:
-    """The query tower sleeps `delay_s` per batch (the first `batches` ones, or all); returns
-    the undo function."""
-    original = services.retriever.embed
-    slowed = {"n": 0}
-
-    def slow(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if batches is None or slowed["n"] < batches:
-            slowed["n"] += 1
-            time.sleep(delay_s)
-        return original(batch)
-
-    services.retriever.embed = slow
-
-    def undo() -> None:
-        services.retriever.embed = original
-
-    return undo
 
 
 # --------------------------------------------------------------------------- load

@@ -27,11 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reliability_fixtures import run_load, slow_embed
+from reliability_fixtures import run_load
 from service_fixtures import (
     LiveServer,
+    ids_by_version,
     live_server,
     set_current,
+    slow_embed,
     wait_until,
     write_subset_version,
 )
@@ -46,7 +48,6 @@ from retrieval.index_store import (
     version_path,
     write_index_version,
 )
-from service.query import QuerySchema, encode_queries, normalize_query
 from service.settings import ServiceSettings
 
 
@@ -241,15 +242,6 @@ QUERIES: list[dict[str, Any]] = [
 ]
 
 
-def expected_ids(model_dir: Path, root: Path, versions: list[str], k: int) -> dict[str, list]:
-    bundle = load_bundle(model_dir)
-    schema = QuerySchema.from_schema(bundle.encoder.schema)
-    batch = encode_queries(bundle.encoder, schema, [normalize_query(q, schema) for q in QUERIES])
-    with torch.inference_mode():
-        emb = bundle.model.embed_queries(batch).numpy()
-    return {v: load_index_version(root, v).search_ids(emb, k)[0] for v in versions}
-
-
 def test_row9_short_swaps_every_300ms_under_load_lose_nothing(
     make_settings: Callable[..., ServiceSettings], index_copy: Path, tiny_bundle: Path
 ) -> None:
@@ -260,7 +252,7 @@ def test_row9_short_swaps_every_300ms_under_load_lose_nothing(
         write_subset_version(index_copy, "v-half", tiny_bundle, keep_every=2, source=first),
         write_subset_version(index_copy, "v-third", tiny_bundle, keep_every=3, source=first),
     ]
-    expected = expected_ids(tiny_bundle, index_copy, versions, 10)
+    expected = ids_by_version(tiny_bundle, index_copy, versions, 10, QUERIES)
     settings = make_settings(index_root=index_copy, index_poll_s=0.05)
     with live_server(settings) as server:
         manager = server.services.index_manager

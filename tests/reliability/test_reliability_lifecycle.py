@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from reliability_fixtures import ServeProcess, run_load, slow_embed
-from service_fixtures import LiveServer, free_port, live_server, wait_until
+from reliability_fixtures import ServeProcess, run_load
+from service_fixtures import LiveServer, free_port, live_server, slow_embed, wait_until
 
 import service.app as service_app
 from service.settings import ServiceSettings

@@ -6,11 +6,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from service_fixtures import SHARED_REDIS_URL, delete_prefix
+from service_fixtures import SHARED_REDIS_URL, delete_prefix, settings_factory
 
 from service.settings import ServiceSettings
 
@@ -20,19 +19,9 @@ def make_settings(
     tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path
 ) -> Callable[..., ServiceSettings]:
     """Settings for the tiny artifacts; keyword arguments override fields."""
-
-    def make(**overrides: Any) -> ServiceSettings:
-        values: dict[str, Any] = {
-            "model_dir": tiny_bundle,
-            "index_root": tiny_index,
-            "data_dir": tiny_dataset,
-            "index_poll_s": 0.1,
-            "max_wait_ms": 1.0,
-        }
-        values.update(overrides)
-        return ServiceSettings(**values)
-
-    return make
+    return settings_factory(
+        tiny_bundle, tiny_index, tiny_dataset, index_poll_s=0.1, max_wait_ms=1.0
+    )
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import redis
+import torch
 
 from retrieval.bundle import load_bundle
 from retrieval.index_store import (
@@ -30,7 +31,7 @@ from retrieval.index_store import (
 )
 from service.app import create_app
 from service.feature_store import push_features
-from service.query import QuerySchema
+from service.query import QuerySchema, encode_queries, normalize_query
 from service.server import ServiceServer, uvicorn_config
 from service.settings import ServiceSettings
 
@@ -292,3 +293,55 @@ def push(url: str, data: Path, model: Path, prefix: str) -> None:
         push_features(client, data, list(schema.columns), schema.history_length, prefix=prefix)
     finally:
         client.close()
+
+
+def settings_factory(
+    model_dir: Path, index_root: Path, data_dir: Path, *, own_port: bool = False, **defaults: Any
+) -> Callable[..., ServiceSettings]:
+    """`make(**overrides)` -> settings for these artifacts: `defaults`, then `overrides`;
+    with `own_port` every call gets a free loopback port."""
+
+    def make(**overrides: Any) -> ServiceSettings:
+        values: dict[str, Any] = {
+            "model_dir": model_dir,
+            "index_root": index_root,
+            "data_dir": data_dir,
+            **({"port": free_port()} if own_port else {}),
+            **defaults,
+        }
+        values.update(overrides)
+        return ServiceSettings(**values)
+
+    return make
+
+
+def slow_embed(services: Any, delay_s: float, batches: int | None = None) -> Callable[[], None]:
+    """The query tower sleeps `delay_s` per batch (the first `batches` ones, or all); returns
+    the undo function."""
+    original = services.retriever.embed
+    slowed = {"n": 0}
+
+    def slow(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if batches is None or slowed["n"] < batches:
+            slowed["n"] += 1
+            time.sleep(delay_s)
+        return original(batch)
+
+    services.retriever.embed = slow
+
+    def undo() -> None:
+        services.retriever.embed = original
+
+    return undo
+
+
+def ids_by_version(
+    model_dir: Path, root: Path, versions: list[str], k: int, queries: list[dict[str, Any]]
+) -> dict[str, list[list[str]]]:
+    """version -> the ids each query gets from it (eager tower + that version's search)."""
+    bundle = load_bundle(model_dir)
+    schema = QuerySchema.from_schema(bundle.encoder.schema)
+    batch = encode_queries(bundle.encoder, schema, [normalize_query(q, schema) for q in queries])
+    with torch.inference_mode():
+        emb = bundle.model.embed_queries(batch).numpy()
+    return {v: load_index_version(root, v).search_ids(emb, k)[0] for v in versions}

@@ -7,24 +7,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from service_fixtures import (
     corrupt_copy,
     free_port,
+    ids_by_version,
     live_server,
     set_current,
+    slow_embed,
     wait_until,
     write_subset_version,
 )
 
-from retrieval.bundle import load_bundle
-from retrieval.index_store import load_index_version, read_current
-from service.query import QuerySchema, encode_queries, normalize_query
+from retrieval.index_store import read_current
 from service.settings import ServiceSettings
 
 QUERIES: list[dict[str, Any]] = [
@@ -33,22 +32,6 @@ QUERIES: list[dict[str, Any]] = [
     {"age_bucket": "35-44", "zip_prefix": "30"},
     {},
 ]
-
-
-def slow_embed(services: Any, delay_s: float) -> Callable[[], None]:
-    """Make the query tower sleep `delay_s` per batch; returns the undo function."""
-    original = services.retriever.embed
-
-    def slow(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        time.sleep(delay_s)
-        return original(batch)
-
-    services.retriever.embed = slow
-
-    def undo() -> None:
-        services.retriever.embed = original
-
-    return undo
 
 
 async def post_many(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
@@ -100,18 +83,6 @@ def test_deadline_answers_504(make_settings: Callable[..., ServiceSettings]) -> 
         )
 
 
-def expected_by_version(
-    model_dir: Path, root: Path, versions: list[str], k: int
-) -> dict[str, list[list[str]]]:
-    """version -> the ids each of QUERIES gets from it (eager tower + that version's search)."""
-    bundle = load_bundle(model_dir)
-    schema = QuerySchema.from_schema(bundle.encoder.schema)
-    batch = encode_queries(bundle.encoder, schema, [normalize_query(q, schema) for q in QUERIES])
-    with torch.inference_mode():
-        emb = bundle.model.embed_queries(batch).numpy()
-    return {v: load_index_version(root, v).search_ids(emb, k)[0] for v in versions}
-
-
 async def load_loop(
     url: str, stop: asyncio.Event, concurrency: int, answers: list[tuple[int, dict[str, Any]]]
 ) -> None:
@@ -142,7 +113,7 @@ def test_hot_swap_under_load(
 ) -> None:
     old = read_current(index_copy)
     new = write_subset_version(index_copy, "v2-half-catalog", tiny_bundle)
-    expected = expected_by_version(tiny_bundle, index_copy, [old, new], 20)
+    expected = ids_by_version(tiny_bundle, index_copy, [old, new], 20, QUERIES)
     assert expected[old] != expected[new]  # the versions give different answers
     settings = make_settings(port=free_port(), index_root=index_copy, index_poll_s=0.05)
     with live_server(settings) as server:
