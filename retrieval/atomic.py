@@ -48,16 +48,20 @@ def fsync_tree(root: Path) -> None:
         fsync_directory(Path(dirpath))
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old content or the new, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (umask applied).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(fd, 0o666 & ~umask)
+        os.chmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give what open() would
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -90,9 +94,7 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; readers of other uids need the artifact
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; readers of other uids need it
     try:
         yield tmp
         fsync_tree(tmp)
