@@ -369,6 +369,11 @@ class Vocabulary:
         return [str(v) for v in self._values.to_pylist()]
 
     @property
+    def value_array(self) -> pa.Array:
+        """The values in index order as the Arrow array the vocabulary holds (no copy)."""
+        return self._values
+
+    @property
     def counts(self) -> IntArray:
         """Train count of each value, in index order."""
         return self._counts.copy()

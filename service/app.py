@@ -124,6 +124,7 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
         embed,
         lambda: manager.current,
         faiss_threads=settings.faiss_threads,
+        prefill_codes=settings.prefill_codes,
     )
     # Warm-up: builds the lazy id lookups and touches the index before the first request.
     warm = retriever.run_batch([RetrievalJob(features=QueryFeatures({}), k=10)])

@@ -84,6 +84,7 @@ class Retriever:
             worker; each thread that runs `run_batch` applies it once. (Left at the core
             count, a worker's searches woke a second OpenMP thread that spin-waited between
             batches: ~1 ms of CPU per request taken from the event loop.)
+        prefill_codes: fill the encoder's code caches now (`QueryBatchEncoder`).
     """
 
     def __init__(
@@ -94,12 +95,13 @@ class Retriever:
         current_index: Callable[[], ServingIndex | None],
         *,
         faiss_threads: int | None = None,
+        prefill_codes: bool = False,
     ) -> None:
         if faiss_threads is not None and faiss_threads < 1:
             raise ValueError(f"`faiss_threads` must be >= 1; got {faiss_threads}")
         self.encoder = encoder
         self.schema = schema
-        self.batch_encoder = QueryBatchEncoder(encoder, schema)
+        self.batch_encoder = QueryBatchEncoder(encoder, schema, prefill=prefill_codes)
         self.embed = embed
         self.current_index = current_index
         self.faiss_threads = faiss_threads

@@ -131,6 +131,12 @@ class ServiceSettings(BaseSettings):
     query_tower_mode: Literal["auto", "eager", "trace"] = Field(
         default="auto", description="How the query tower is prepared (`export_query_tower`)."
     )
+    prefill_codes: bool = Field(
+        default=True,
+        description="Look every vocabulary value (history item ids included, most frequent "
+        "first, up to 1M per feature) up at start-up, so no request pays for a first lookup "
+        "(~100 MB and a few seconds of start-up at 1M catalog items).",
+    )
 
     # ------------------------------------------------------------------ index
     index_poll_s: float = Field(

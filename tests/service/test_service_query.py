@@ -15,9 +15,10 @@ import pytest
 import torch
 from pydantic import SecretStr, ValidationError
 
+from retrieval import encoders
 from retrieval.bundle import load_bundle
 from retrieval.data.dataset import load_dataset
-from retrieval.encoders import DenseStats, FeatureEncoder, Vocabulary
+from retrieval.encoders import OOV_INDEX, DenseStats, FeatureEncoder, Vocabulary
 from retrieval.evaluation import build_eval_queries
 from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
 from service.errors import InvalidRequestError
@@ -215,10 +216,9 @@ def test_canonical_query_is_order_free() -> None:
 def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dataset: Path) -> None:
     """The serving encoder (cached codes) == `encode_queries` (the encoder's table path),
     on a dense/bag/history schema and on every user of the tiny dataset, twice (cold and
-    warm caches)."""
+    warm caches), with and without prefilled caches."""
     encoder = dense_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
-    fast = QueryBatchEncoder(encoder, schema, cache_capacity=3)  # tiny: exercises the cap
     raw: tuple[dict[str, Any], ...] = (
         {"country": "de", "tags": ["b", "zz", "a", "b"], "age": 40, "history": ["i3", "x"]},
         {"country": None, "tags": [], "age": -2.5},
@@ -226,11 +226,14 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
         {},
     )
     queries = [normalize_query(q, schema) for q in raw]
-    for _ in range(2):
-        got, want = fast.encode(queries), encode_queries(encoder, schema, queries)
-        assert sorted(got) == sorted(want)
-        for name in want:
-            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    for prefill in (False, True):
+        fast = QueryBatchEncoder(encoder, schema, cache_capacity=3, prefill=prefill)  # the cap
+        for _ in range(2):
+            got, want = fast.encode(queries), encode_queries(encoder, schema, queries)
+            assert sorted(got) == sorted(want)
+            for name in want:
+                assert got[name].dtype == want[name].dtype, name
+                assert torch.equal(got[name], want[name]), name
 
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
@@ -247,6 +250,53 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
         got, want = fast.encode(users), encode_queries(bundle.encoder, schema, users)
         for name in want:
             assert torch.equal(got[name], want[name]), name
+
+
+def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
+    tiny_bundle: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `prefill`, every vocabulary value is cached at construction: known values and
+    history ids encode without a single `Vocabulary.lookup` call, to the reference codes;
+    an unknown value gets OOV without a lookup (the whole vocabulary is cached, so it is
+    not in it), as the encoder gives it; with a capped cache it is looked up."""
+    bundle = load_bundle(tiny_bundle)
+    schema = QuerySchema.from_schema(bundle.encoder.schema)
+    fast = QueryBatchEncoder(bundle.encoder, schema, prefill=True)
+    assert schema.history_name is not None
+    cached = fast.cached_values()
+    assert cached[schema.history_name] == len(bundle.encoder.item_id_vocabulary.values) + 1
+    store = InProcessFeatureStore.from_dataset(
+        tiny_dataset, list(schema.columns), schema.history_length
+    )
+    users = []
+    for record in store._records.values():
+        features = dict(record.features)
+        features[schema.history_name] = list(record.history)
+        users.append(normalize_query(features, schema))
+    want = encode_queries(bundle.encoder, schema, users)
+
+    calls: list[int] = []
+    original = encoders._StringIndex.find  # what every `Vocabulary.lookup` runs
+
+    def counted(self: Any, strings: pa.Array) -> Any:
+        calls.append(len(strings))
+        return original(self, strings)
+
+    monkeypatch.setattr(encoders._StringIndex, "find", counted)
+    got = fast.encode(users)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert calls == []
+    unknown = [normalize_query({schema.history_name: ["no-such-item"]}, schema)]
+    codes = fast.encode(unknown)[schema.history_name]
+    assert calls == [] and int(codes[0, 0]) == OOV_INDEX
+    assert torch.equal(codes, encode_queries(bundle.encoder, schema, unknown)[schema.history_name])
+
+    capped = QueryBatchEncoder(bundle.encoder, schema, cache_capacity=2, prefill=True)
+    assert capped.cached_values()[schema.history_name] == 2  # null and the first value
+    calls.clear()
+    codes = capped.encode(unknown)[schema.history_name]
+    assert len(calls) == 1 and int(codes[0, 0]) == OOV_INDEX
 
 
 def test_serve_command_refuses_unsafe_settings(capsys: pytest.CaptureFixture[str]) -> None:
