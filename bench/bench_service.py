@@ -278,7 +278,12 @@ def in_process(
     manager = IndexManager(index, model_dim=bundle.model.output_dim, model_checksum=bundle.checksum)
     manager.load_initial()
     retriever = Retriever(
-        bundle.encoder, schema, embed, lambda: manager.current, faiss_threads=threads
+        bundle.encoder,
+        schema,
+        embed,
+        lambda: manager.current,
+        faiss_threads=threads,
+        prefill_codes=True,  # as the service's default
     )
     jobs = [RetrievalJob(features=normalize_query(q, schema), k=k) for q in queries]
     retriever.run_batch(jobs[:1])  # warm-up

@@ -128,16 +128,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def integral_float_to_int(value: Any) -> Any:
+    """JSON has one number type: ``7.0`` is the integer 7 (JSON Schema says so too).
+
+    >>> integral_float_to_int(7.0), integral_float_to_int(7.5), integral_float_to_int("7")
+    (7, 7.5, '7')
+    """
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 def _scalar_text(value: Any, field: str) -> str | None:
     """A categorical/hashed value as the encoder reads it (ints as decimal text)."""
     if value is None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"  # what Arrow's bool -> string cast gives
+    value = integral_float_to_int(value)
     if _is_int(value):
         return str(value)
-    if type(value) is float and value.is_integer():
-        return str(int(value))  # JSON has one number type: 7.0 is the integer 7
     if isinstance(value, str):
         if len(value) > MAX_TOKEN_CHARS:
             raise InvalidRequestError(

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from service.query import integral_float_to_int
 from service.settings import HARD_MAX_K
 
 QUERY_EXAMPLE: dict[str, Any] = {
@@ -21,13 +22,6 @@ QUERY_EXAMPLE: dict[str, Any] = {
     "zip_prefix": "55",
     "history": ["242", "393", "381"],
 }
-
-
-def _integral_float_to_int(value: Any) -> Any:
-    """JSON has one number type: ``300.0`` is the integer 300 (JSON Schema says so too)."""
-    if type(value) is float and value.is_integer():
-        return int(value)
-    return value
 
 
 class RetrieveRequest(BaseModel):
@@ -57,7 +51,7 @@ class RetrieveRequest(BaseModel):
         description="Look the user's features and history up in the feature store (when "
         "`query` is absent) and, with `exclude_seen`, their seen items.",
     )
-    k: Annotated[int | None, BeforeValidator(_integral_float_to_int)] = Field(
+    k: Annotated[int | None, BeforeValidator(integral_float_to_int)] = Field(
         default=None,
         strict=True,
         description=f"Number of results (default 1000; at most the server's max_k <= {HARD_MAX_K}).",

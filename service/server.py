@@ -41,7 +41,7 @@ class ServiceServer(uvicorn.Server):
             services.draining = True
 
     async def on_tick(self, counter: int) -> bool:
-        if getattr(self.app.state, "load_error", None) is not None:
+        if self.app.state.load_error is not None:
             return True  # the background loading failed: nothing to serve, stop
         return await super().on_tick(counter)
 

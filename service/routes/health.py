@@ -20,7 +20,7 @@ router = APIRouter(tags=["operations"])
     responses={503: {"description": "the model or index failed to load; the process stops"}},
 )
 async def healthz(request: Request) -> Response:
-    if getattr(request.app.state, "load_error", None) is not None:
+    if request.app.state.load_error is not None:
         return JSONResponse({"status": "failed", "reason": "model or index failed to load"}, 503)
     return JSONResponse({"status": "ok"})
 
