@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -57,6 +57,9 @@ import pyarrow.parquet as pq
 import torch
 
 from retrieval.atomic import TMP_PREFIX, atomic_directory, sha256_file
+
+if TYPE_CHECKING:
+    from retrieval.ivf_scan import ListScanner
 
 logger = logging.getLogger(__name__)
 
@@ -571,6 +574,7 @@ class IndexVersion:
     _gpu_index: Any = None
     _gpu_resources: Any = None
     _torch_vectors: torch.Tensor | None = None
+    _scanner: ListScanner | None = None
 
     @property
     def dim(self) -> int:
@@ -597,7 +601,19 @@ class IndexVersion:
             return "cuda (faiss)"
         if self._torch_vectors is not None:
             return "cuda (torch exact)"
+        if self._scanner is not None:
+            return "cpu (list scanner)"
         return "cpu"
+
+    def use_list_scanner(self) -> bool:
+        """Search on the CPU with `ListScanner` from now on, when the index is a single
+        inner-product IVF-SQ8 (same answers as FAISS, ~30 % less time at k = 1000);
+        returns whether it applies. Its copy of the codes costs N x (D + 8) bytes."""
+        from retrieval.ivf_scan import ListScanner  # numba: imported only when used
+
+        if self._gpu_index is None and self._torch_vectors is None and self._scanner is None:
+            self._scanner = ListScanner.from_index(self.index)
+        return self._scanner is not None
 
     def set_search_params(self, **params: Any) -> None:
         """Override search-time parameters, e.g. ``set_search_params(nprobe=32)``."""
@@ -650,6 +666,8 @@ class IndexVersion:
             scores, rows = self._gpu_index.search(queries, k)
         elif self._torch_vectors is not None:
             scores, rows = torch_exact_search(self._torch_vectors, queries, k)
+        elif self._scanner is not None:
+            scores, rows = self._scanner.search(queries, k)
         else:
             scores, rows = self.index.search(queries, k)
         rows = rows.astype(np.int64, copy=False)

@@ -110,6 +110,7 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
         model_dim=bundle.model.output_dim,
         model_checksum=bundle.checksum,
         require_model_match=settings.require_model_match,
+        list_scanner=settings.list_scanner,
         on_swap=lambda ok, version, items: _on_swap(metrics, ok, version, items),
     )
     manager.load_initial()

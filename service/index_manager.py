@@ -88,6 +88,8 @@ class IndexManager:
         model_checksum: the bundle's checksum (`ModelBundle.checksum`).
         require_model_match: refuse versions built from another bundle.
         on_swap: metrics hook, called with (ok, version, num_items) after each attempt.
+        list_scanner: search IVF-SQ8 versions with `retrieval.ivf_scan.ListScanner`
+            (`IndexVersion.use_list_scanner`; other indexes keep FAISS's search).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class IndexManager:
         model_checksum: str,
         require_model_match: bool = True,
         on_swap: Callable[[bool, str, int], None] | None = None,
+        list_scanner: bool = False,
     ) -> None:
         self.root = Path(root)
         self.model_dim = model_dim
@@ -109,6 +112,7 @@ class IndexManager:
         self.swaps_ok = 0
         self.swaps_failed = 0
         self._on_swap = on_swap
+        self.list_scanner = list_scanner
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -134,6 +138,8 @@ class IndexManager:
                 f"{str(built_with)[:12]}..., not the loaded one {self.model_checksum[:12]}... "
                 "(set require_model_match=false to serve it anyway)"
             )
+        if self.list_scanner:
+            loaded.use_list_scanner()
         return ServingIndex(loaded)
 
     def load_initial(self) -> ServingIndex:

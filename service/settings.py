@@ -131,6 +131,12 @@ class ServiceSettings(BaseSettings):
     query_tower_mode: Literal["auto", "eager", "trace"] = Field(
         default="auto", description="How the query tower is prepared (`export_query_tower`)."
     )
+    list_scanner: bool = Field(
+        default=True,
+        description="Search inner-product IVF-SQ8 indexes (the default above 200k items) with "
+        "the built-in list scanner instead of FAISS's generic path: the same answers, ~30 % "
+        "less search time at k = 1000 (retrieval/ivf_scan.py), N x (D + 8) bytes more memory.",
+    )
     prefill_codes: bool = Field(
         default=True,
         description="Look every vocabulary value (history item ids included, most frequent "

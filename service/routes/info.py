@@ -32,6 +32,7 @@ async def info(services: Annotated[Services, Depends(get_services)]) -> dict[str
             "dim": index.dim,
             "factory": index.loaded.factory,
             "search_params": index.loaded.search_params,
+            "search_path": index.loaded.device,
             "created": index.manifest.get("created"),
             "recall": (index.manifest.get("recall") or {}).get("recall"),
         }

@@ -324,3 +324,36 @@ def test_dense_features_nan_is_422(tmp_path: Path) -> None:
             assert error["field"] == "query.age" and "finite number" in error["message"]
         wrong = retrieve(client, {"query": {"age": "31"}})
         assert wrong.status_code == 422 and "must be a number" in wrong.json()["error"]["message"]
+
+
+def test_list_scanner_serves_what_faiss_serves(
+    tiny_bundle: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """An IVF-SQ8 version is searched by `ListScanner` (the default) with FAISS's answers."""
+    from index.build import BuildOptions, build_index
+
+    root = tmp_path / "index"
+    options = BuildOptions(
+        factory="IVF4,SQ8",
+        search_params={"nprobe": 2},
+        recall_floor=0.0,
+        recall_queries=64,
+        progress=False,
+        threads=1,
+    )
+    build_index(tiny_bundle, tiny_dataset, root, options)
+    bodies: list[dict[str, Any]] = [{"query": QUERY, "k": 20}, {"user_id": "u001", "k": 120}]
+    answers: dict[bool, list[Any]] = {}
+    for scanner in (True, False):
+        settings = ServiceSettings(
+            model_dir=tiny_bundle, index_root=root, data_dir=tiny_dataset, list_scanner=scanner
+        )
+        with TestClient(create_app(settings)) as test_client:
+            info = test_client.get("/v1/info").json()["index"]
+            assert info["search_path"] == ("cpu (list scanner)" if scanner else "cpu")
+            answers[scanner] = [retrieve(test_client, body).json() for body in bodies]
+    for body, got, want in zip(bodies, answers[True], answers[False], strict=True):
+        assert len(got["ids"]) == len(want["ids"]) > 0
+        np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+        if len(want["ids"]) < body["k"]:  # every item of the probed lists: the same items
+            assert set(got["ids"]) == set(want["ids"])

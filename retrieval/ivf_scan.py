@@ -1,0 +1,216 @@
+"""A faster CPU search for inner-product `IVF{n},SQ8` indexes (the default above 200k items).
+
+`ListScanner` answers exactly what ``index.search`` answers (same lists probed, same
+8-bit codes, same scores up to float rounding; tested against FAISS), with a compiled
+scan that FAISS's generic scalar-quantizer path does not have: each probed list's codes
+are read as one contiguous ``[n, D]`` uint8 block and scored by a numba loop that the
+compiler vectorises (uint8 -> float32 conversion and fused multiply-adds, 8 lanes),
+and a running top-k threshold rejects most candidates with one comparison.
+
+Why it is exact: FAISS's SQ8 (``QT_8bit``) stores, per dimension j, a code c_j with the
+reconstruction ``vmin_j + (c_j + 0.5) / 255 * vdiff_j`` of the vector (or of its residual
+from the list's centroid). The inner product with a query q is therefore
+
+    <q, centroid> (residual encoding only) + sum_j q_j (vmin_j + 0.5 vdiff_j / 255)
+                                           + sum_j (q_j vdiff_j / 255) c_j
+
+a per-list constant plus one dot product of a fixed weight vector with the codes.
+
+Measured with bench/kern-style interleaved runs on the 1M-item benchmark index
+(IVF4000,SQ8, nprobe 1024, k=1000, one thread, 2-core AMD EPYC VM): 3.6-4.6 ms per
+query against FAISS's 5.2-5.9 ms, identical top-1000 sets, max score difference 9e-8.
+
+The scanner keeps its own copy of the codes (N x D bytes, plus 8 bytes of label per
+item: 72 MB at 1M items of D=64). Unsupported indexes (anything but a single IVF with
+SQ8 codes and inner product) get None from `ListScanner.from_index`; callers keep using
+FAISS for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faiss
+import numba
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _scan_lists(
+    codes: Any,
+    offsets: Any,
+    probe: Any,
+    bases: Any,
+    weights: Any,
+    k: int,
+    heap_scores: Any,
+    heap_rows: Any,
+    buffer: Any,
+) -> int:
+    """Top-k (min-heap) of ``bases[p] + weights . codes[row]`` over the probed lists.
+
+    Returns how many heap slots are filled (< k when the lists hold fewer items).
+    """
+    dim = codes.shape[1]
+    filled = 0
+    threshold = -np.inf
+    for p in range(probe.shape[0]):
+        first = offsets[probe[p]]
+        count = offsets[probe[p] + 1] - first
+        base = bases[p]
+        for r in range(count):  # the vectorised part: one dot product per code
+            acc = np.float32(0.0)
+            for j in range(dim):
+                acc += np.float32(codes[first + r, j]) * weights[j]
+            buffer[r] = acc + base
+        for r in range(count):
+            score = buffer[r]
+            if score <= threshold:
+                continue
+            if filled < k:  # sift up
+                i = filled
+                filled += 1
+                while i > 0:
+                    parent = (i - 1) >> 1
+                    if heap_scores[parent] <= score:
+                        break
+                    heap_scores[i] = heap_scores[parent]
+                    heap_rows[i] = heap_rows[parent]
+                    i = parent
+                heap_scores[i] = score
+                heap_rows[i] = first + r
+                if filled == k:
+                    threshold = heap_scores[0]
+            else:  # replace the smallest, sift down
+                i = 0
+                while True:
+                    child = 2 * i + 1
+                    if child >= k:
+                        break
+                    if child + 1 < k and heap_scores[child + 1] < heap_scores[child]:
+                        child += 1
+                    if heap_scores[child] >= score:
+                        break
+                    heap_scores[i] = heap_scores[child]
+                    heap_rows[i] = heap_rows[child]
+                    i = child
+                heap_scores[i] = score
+                heap_rows[i] = first + r
+                threshold = heap_scores[0]
+    return filled
+
+
+class ListScanner:
+    """Searches an inner-product IVF-SQ8 FAISS index (see the module docstring).
+
+    Build it with `ListScanner.from_index`; `search` reads the index's current
+    ``nprobe`` on every call, so search parameters set on the index apply here too.
+    Safe to call from several threads at once (the scan releases the GIL).
+    """
+
+    def __init__(self, ivf: Any) -> None:
+        self._ivf = ivf
+        dim, nlist = int(ivf.d), int(ivf.nlist)
+        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+        offsets = np.zeros(nlist + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        codes = np.empty((int(offsets[-1]), dim), dtype=np.uint8)  # (N, D), by list
+        labels = np.empty(int(offsets[-1]), dtype=np.int64)
+        for i in np.flatnonzero(sizes):
+            first, end = int(offsets[i]), int(offsets[i + 1])
+            _copy_list(invlists, int(i), labels[first:end], codes[first:end])
+        trained = faiss.vector_to_array(ivf.sq.trained).astype(np.float32)
+        vmin, vdiff = trained[:dim], trained[dim:]
+        self.dim = dim
+        self.nlist = nlist
+        self.codes = codes
+        self.labels = labels
+        self.offsets = offsets
+        self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, nlist))  # (L, D)
+        self.by_residual = bool(ivf.by_residual)
+        self._scale = (vdiff / np.float32(255.0)).astype(np.float32)  # (D,)
+        self._offset = (vmin + np.float32(0.5) * self._scale).astype(np.float32)  # (D,)
+        self._longest = int(sizes.max()) if nlist else 0
+
+    @classmethod
+    def from_index(cls, index: faiss.Index) -> ListScanner | None:
+        """A scanner for `index`, or None unless it is one inner-product IVF-SQ8 index
+        (no shards, refine or pre-transform around it) with in-memory lists."""
+        ivf: Any = faiss.downcast_index(index)
+        if (
+            not isinstance(ivf, faiss.IndexIVFScalarQuantizer)
+            or ivf.metric_type != faiss.METRIC_INNER_PRODUCT
+            or ivf.sq.qtype != faiss.ScalarQuantizer.QT_8bit
+            or ivf.invlists is None
+            or not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+        ):
+            return None
+        return cls(ivf)
+
+    @property
+    def nprobe(self) -> int:
+        return min(int(self._ivf.nprobe), self.nlist)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the scanner's own arrays."""
+        return int(self.codes.nbytes + self.labels.nbytes + self.centroids.nbytes)
+
+    def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
+        """``(scores [Q, k], labels [Q, k])`` best first; -inf / -1 where fewer than k."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        labels = np.full((len(queries), k), -1, dtype=np.int64)
+        nprobe = self.nprobe
+        if nprobe == 0 or len(self.labels) == 0:
+            return scores, labels
+        coarse = queries @ self.centroids.T  # (Q, L)
+        heap_scores = np.empty(k, dtype=np.float32)
+        heap_rows = np.empty(k, dtype=np.int64)
+        buffer = np.empty(max(self._longest, 1), dtype=np.float32)
+        for q, query in enumerate(queries):
+            if nprobe < self.nlist:
+                probe = np.argpartition(-coarse[q], nprobe - 1)[:nprobe]
+                probe = probe[np.argsort(-coarse[q, probe])]  # best lists first
+            else:
+                probe = np.argsort(-coarse[q])
+            common = np.float32(query @ self._offset)
+            bases = (coarse[q, probe] + common) if self.by_residual else np.full(nprobe, common)
+            weights = (query * self._scale).astype(np.float32)
+            filled = _scan_lists(
+                self.codes,
+                self.offsets,
+                probe.astype(np.int64),
+                bases.astype(np.float32),
+                weights,
+                k,
+                heap_scores,
+                heap_rows,
+                buffer,
+            )
+            order = np.argsort(-heap_scores[:filled], kind="stable")
+            scores[q, :filled] = heap_scores[:filled][order]
+            labels[q, :filled] = self.labels[heap_rows[:filled][order]]
+        return scores, labels
+
+
+def _copy_list(invlists: Any, list_no: int, labels: IntArray, codes: npt.NDArray[np.uint8]) -> None:
+    """Copy one inverted list's ids and codes into the (contiguous) arrays given."""
+    ids = invlists.get_ids(list_no)
+    try:
+        faiss.memcpy(faiss.swig_ptr(labels), ids, labels.nbytes)
+    finally:
+        invlists.release_ids(list_no, ids)
+    list_codes = invlists.get_codes(list_no)
+    try:
+        faiss.memcpy(faiss.swig_ptr(codes), list_codes, codes.nbytes)
+    finally:
+        invlists.release_codes(list_no, list_codes)
