@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-wait-ms", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="server torch and FAISS threads")
     parser.add_argument("--batch-workers", type=int, default=2, help="server batch workers")
+    parser.add_argument(
+        "--list-scanner",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="search IVF-SQ8 with retrieval.ivf_scan (the service default) or with FAISS",
+    )
     parser.add_argument("--floor-repeats", type=int, default=200, help="batches per floor size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -176,7 +182,12 @@ def start_server(
         "--torch-threads", str(args.threads), "--faiss-threads", str(args.threads),
         "--batch-workers", str(args.batch_workers),
     ]  # fmt: skip
-    env = {**os.environ, "RETRIEVAL_MAX_IN_FLIGHT": "4096", "RETRIEVAL_REQUEST_TIMEOUT_S": "10"}
+    env = {
+        **os.environ,
+        "RETRIEVAL_MAX_IN_FLIGHT": "4096",
+        "RETRIEVAL_REQUEST_TIMEOUT_S": "10",
+        "RETRIEVAL_LIST_SCANNER": str(args.list_scanner).lower(),
+    }
     log(f"server: {' '.join(command)} (log {log_path})")
     handle = log_path.open("wb")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -206,6 +217,13 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def server_info(url: str) -> dict[str, Any]:
+    import httpx
+
+    info: dict[str, Any] = httpx.get(f"{url}/v1/info", timeout=10).json()
+    return info
 
 
 def batch_counters(url: str) -> tuple[float, float]:
@@ -258,7 +276,12 @@ def service_answers(url: str, queries: list[dict[str, Any]], k: int) -> list[lis
 
 
 def in_process(
-    model: Path, index: Path, queries: list[dict[str, Any]], k: int, threads: int
+    model: Path,
+    index: Path,
+    queries: list[dict[str, Any]],
+    k: int,
+    threads: int,
+    list_scanner: bool,
 ) -> tuple[Any, list[Any]]:
     """A `Retriever` built exactly as the service builds it, and the checked queries."""
     import faiss
@@ -275,7 +298,12 @@ def in_process(
     bundle = load_bundle(model)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
     embed, _ = export_checked_query_tower(bundle, schema, "auto")
-    manager = IndexManager(index, model_dim=bundle.model.output_dim, model_checksum=bundle.checksum)
+    manager = IndexManager(
+        index,
+        model_dim=bundle.model.output_dim,
+        model_checksum=bundle.checksum,
+        list_scanner=list_scanner,  # as the server was started
+    )
     manager.load_initial()
     retriever = Retriever(
         bundle.encoder,
@@ -339,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results["server_start_s"] = round(wait_ready(url, server), 1)
         log(f"server ready in {results['server_start_s']}s")
+        results["search_path"] = server_info(url)["index"]["search_path"]
         check_queries = queries[:50]
         served = service_answers(url, check_queries, args.k)
         for level in levels:
@@ -366,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_server(server)
 
     log("in-process floor (server stopped)")
-    retriever, jobs = in_process(model, index, queries, args.k, args.threads)
+    retriever, jobs = in_process(model, index, queries, args.k, args.threads, args.list_scanner)
     # one query per batch, as the server ran them at concurrency 1 (FAISS sums in a different
     # order for larger batches, which may swap near-ties)
     local = [retriever.run_batch([job])[0].ids for job in jobs[: len(check_queries)]]
@@ -405,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_wait_ms": args.max_wait_ms,
             "threads": args.threads,
             "batch_workers": args.batch_workers,
+            "search_path": results.get("search_path"),
             "start_s": results.get("server_start_s"),
         },
         "build_seconds": build_timings,
@@ -434,7 +464,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['correctness']['queries']} answers identical to in-process "
         f"(mean overlap {report['correctness']['mean_overlap']})",
         f"server: {report['server']['batch_workers']} batch worker(s), "
-        f"{report['server']['threads']} torch/FAISS thread(s) each",
+        f"{report['server']['threads']} torch/FAISS thread(s) each, search path "
+        f"{report['server']['search_path']}",
         "",
         f"{'load':<14} {'QPS':>8} {'mean':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'batch':>6} "
         f"{'err':>5} {'cpu ms/req':>10}",

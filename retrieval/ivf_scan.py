@@ -107,6 +107,16 @@ def _scan_lists(
     return filled
 
 
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _dot_rows(matrix: Any, vector: Any, out: Any) -> None:
+    """``out[i] = matrix[i] . vector`` (the coarse scores, without numpy's BLAS threads)."""
+    for i in range(matrix.shape[0]):
+        acc = np.float32(0.0)
+        for j in range(matrix.shape[1]):
+            acc += matrix[i, j] * vector[j]
+        out[i] = acc
+
+
 class ListScanner:
     """Searches an inner-product IVF-SQ8 FAISS index (see the module docstring).
 
@@ -134,7 +144,9 @@ class ListScanner:
         self.codes = codes
         self.labels = labels
         self.offsets = offsets
-        self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, nlist))  # (L, D)
+        self.centroids = np.ascontiguousarray(  # (L, D)
+            ivf.quantizer.reconstruct_n(0, nlist), dtype=np.float32
+        )
         self.by_residual = bool(ivf.by_residual)
         self._scale = (vdiff / np.float32(255.0)).astype(np.float32)  # (D,)
         self._offset = (vmin + np.float32(0.5) * self._scale).astype(np.float32)  # (D,)
@@ -172,18 +184,21 @@ class ListScanner:
         nprobe = self.nprobe
         if nprobe == 0 or len(self.labels) == 0:
             return scores, labels
-        coarse = queries @ self.centroids.T  # (Q, L)
         heap_scores = np.empty(k, dtype=np.float32)
         heap_rows = np.empty(k, dtype=np.int64)
         buffer = np.empty(max(self._longest, 1), dtype=np.float32)
+        coarse = np.empty(self.nlist, dtype=np.float32)
         for q, query in enumerate(queries):
+            # Coarse scores in compiled code, not numpy's BLAS, whose idle threads spin
+            # between the service's small batches; then the nprobe best lists, best first.
+            _dot_rows(self.centroids, query, coarse)
             if nprobe < self.nlist:
-                probe = np.argpartition(-coarse[q], nprobe - 1)[:nprobe]
-                probe = probe[np.argsort(-coarse[q, probe])]  # best lists first
+                probe = np.argpartition(-coarse, nprobe - 1)[:nprobe]
             else:
-                probe = np.argsort(-coarse[q])
-            common = np.float32(query @ self._offset)
-            bases = (coarse[q, probe] + common) if self.by_residual else np.full(nprobe, common)
+                probe = np.arange(self.nlist)
+            probe = probe[np.argsort(-coarse[probe], kind="stable")]
+            common = np.float32(np.dot(query, self._offset))
+            bases = coarse[probe] + common if self.by_residual else np.full(nprobe, common)
             weights = (query * self._scale).astype(np.float32)
             filled = _scan_lists(
                 self.codes,
