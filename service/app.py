@@ -43,6 +43,7 @@ from service.cache import ResponseCache
 from service.dependencies import Services
 from service.engine import RetrievalEngine
 from service.errors import install_error_handlers
+from service.fast_path import RetrieveFastPath
 from service.feature_store import (
     META_KEY,
     FeatureStore,
@@ -352,7 +353,10 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     app.include_router(retrieve.router)
     app.include_router(info.router)
     app.include_router(health.router)
-    app.add_middleware(AdmissionGateMiddleware)  # innermost: the body is already bounded
+    app.state.fast_path = {"answered": 0, "handed_over": 0}
+    if settings.fast_path:
+        app.add_middleware(RetrieveFastPath)  # innermost: admitted, bounded, counted
+    app.add_middleware(AdmissionGateMiddleware)  # the body is already bounded
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     return app

@@ -158,16 +158,30 @@ def describe_validation_error(exc: RequestValidationError) -> InvalidRequestErro
     return InvalidRequestError(f"`{field}`: {message}{more}", field=field)
 
 
+def service_error_answer(exc: ServiceError, method: str, path: str) -> Response:
+    """The answer of a `ServiceError` raised while handling `method path` (5xx logged)."""
+    if exc.status_code >= 500:
+        logger.warning("%s %s -> %d: %s", method, path, exc.status_code, exc)
+    return error_response(exc)
+
+
+def unexpected_answer(method: str, path: str) -> Response:
+    """The bare 500 of an unexpected exception (call from an ``except`` block: logged with
+    its traceback, which never reaches the answer)."""
+    logger.exception("unhandled error on %s %s", method, path)
+    return JSONResponse(
+        {"error": {"code": "internal_error", "message": "internal server error"}},
+        status_code=500,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every error to its HTTP answer (the one place where this happens)."""
+    """Map every error to its HTTP answer (the one place where this happens; the
+    /v1/retrieve fast path, `service.fast_path`, uses the same answers)."""
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        if exc.status_code >= 500:
-            logger.warning(
-                "%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc
-            )
-        return error_response(exc)
+        return service_error_answer(exc, request.method, request.url.path)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -187,11 +201,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"error": {"code": "internal_error", "message": "internal server error"}},
-            status_code=500,
-        )
+        return unexpected_answer(request.method, request.url.path)
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

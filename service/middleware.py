@@ -89,6 +89,20 @@ async def _send_error(send: Send, error: ServiceError, *, close: bool = True) ->
     await send({"type": "http.response.body", "body": body})
 
 
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives `body` (already read) once, then what the connection sends."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class AdmissionGateMiddleware:
     """Answer 429 to retrieval requests at once while the admission limit is reached.
 
@@ -152,16 +166,7 @@ class BodySizeLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 
 class MetricsMiddleware:

@@ -131,6 +131,12 @@ class ServiceSettings(BaseSettings):
     query_tower_mode: Literal["auto", "eager", "trace"] = Field(
         default="auto", description="How the query tower is prepared (`export_query_tower`)."
     )
+    fast_path: bool = Field(
+        default=True,
+        description="Answer well-formed POST /v1/retrieve requests without FastAPI's "
+        "per-request machinery (`service.fast_path`: same answers, less CPU); anything "
+        "else still goes through FastAPI.",
+    )
     list_scanner: bool = Field(
         default=True,
         description="Search inner-product IVF-SQ8 indexes (the default above 200k items) with "

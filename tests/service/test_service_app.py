@@ -19,7 +19,6 @@ from service_fixtures import make_dense_artifacts
 from retrieval.bundle import load_bundle
 from retrieval.index_store import load_index_version
 from service.app import create_app
-from service.dependencies import get_engine
 from service.errors import DependencyError
 from service.feature_store import InProcessFeatureStore
 from service.query import QuerySchema, encode_queries, normalize_query
@@ -243,35 +242,36 @@ def test_readiness_flips_when_draining(client: TestClient) -> None:
     assert client.get("/readyz").status_code == 200
 
 
-def test_errors_map_to_status_codes_without_tracebacks(client: TestClient) -> None:
-    app = client.app
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_errors_map_to_status_codes_without_tracebacks(
+    tiny_bundle: Path, tiny_index: Path, monkeypatch: pytest.MonkeyPatch, fast_path: bool
+) -> None:
+    """A failing engine gets the mapped status and a bare body, on the fast path
+    (`service.fast_path`) and through FastAPI alike."""
 
-    class Failing:
-        def __init__(self, error: Exception) -> None:
-            self.error = error
+    def failing(error: Exception) -> Any:
+        async def prepare(*args: Any, **kwargs: Any) -> Any:
+            raise error
 
-        async def prepare(self, *args: Any, **kwargs: Any) -> Any:
-            raise self.error
+        return prepare
 
-    app.dependency_overrides[get_engine] = lambda: Failing(  # type: ignore[attr-defined]
-        DependencyError("the feature store is unavailable", retry_after_s=2)
-    )
-    try:
+    settings = ServiceSettings(model_dir=tiny_bundle, index_root=tiny_index, fast_path=fast_path)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        unavailable = DependencyError("the feature store is unavailable", retry_after_s=2)
+        monkeypatch.setattr(engine, "prepare", failing(unavailable))
         down = retrieve(client, {"user_id": "u001"})
         assert down.status_code == 503 and down.headers["retry-after"] == "2"
         assert down.json()["error"]["code"] == "dependency_unavailable"
-        app.dependency_overrides[get_engine] = lambda: Failing(  # type: ignore[attr-defined]
-            RuntimeError("secret internal detail /etc/passwd")
-        )
-        other = TestClient(app, raise_server_exceptions=False)  # no `with`: same lifespan
-        crash = retrieve(other, {"query": {}})
+        secret = RuntimeError("secret internal detail /etc/passwd")
+        monkeypatch.setattr(engine, "prepare", failing(secret))
+        crash = retrieve(client, {"query": {}})
         assert crash.status_code == 500
         assert crash.json() == {
             "error": {"code": "internal_error", "message": "internal server error"}
         }
         assert "Traceback" not in crash.text and "passwd" not in crash.text
-    finally:
-        app.dependency_overrides.clear()  # type: ignore[attr-defined]
+        assert client.app.state.fast_path["answered"] == (2 if fast_path else 0)  # type: ignore[attr-defined]
 
 
 def test_api_key(tiny_bundle: Path, tiny_index: Path) -> None:
@@ -357,3 +357,61 @@ def test_list_scanner_serves_what_faiss_serves(
         np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
         if len(want["ids"]) < body["k"]:  # every item of the probed lists: the same items
             assert set(got["ids"]) == set(want["ids"])
+
+
+def test_fast_path_answers_like_fastapi(
+    tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path
+) -> None:
+    """`service.fast_path` on and off: the same answers (took_ms aside) and the same errors;
+    malformed requests, other content types and a wrong API key go to FastAPI."""
+    key = "k" * 24
+    bodies: list[Any] = [
+        {"query": QUERY, "k": 25},
+        {"user_id": "u001", "k": 40, "exclude_seen": True, "exclude_ids": ["m 003/x"]},
+        {"user_id": "u002", "query": QUERY, "k": 7.0},
+        {"query": QUERY, "k": 0},  # 422 from the engine's check (the fast path renders it)
+        {"query": {"no_such_feature": 1}},  # 422 from normalize_query
+        {"user_id": "nobody"},  # 404
+        {"query": QUERY, "k": "5"},  # 422 from pydantic: handed over
+        {"query": QUERY, "surprise": 1},  # 422 extra field: handed over
+        [1, 2],  # not an object: handed over
+        "{not json",  # handed over: FastAPI's 'not valid JSON'
+    ]
+    seen: dict[bool, list[tuple[int, Any]]] = {}
+    counts: dict[bool, dict[str, int]] = {}
+    for fast_path in (True, False):
+        settings = ServiceSettings(
+            model_dir=tiny_bundle,
+            index_root=tiny_index,
+            data_dir=tiny_dataset,
+            api_key=SecretStr(key),
+            fast_path=fast_path,
+        )
+        with TestClient(create_app(settings)) as client:
+            answers = []
+            for body in bodies:
+                content = body if isinstance(body, str) else json.dumps(body)
+                response = client.post(
+                    "/v1/retrieve",
+                    content=content,
+                    headers={"content-type": "application/json", "x-api-key": key},
+                )
+                payload = response.json()
+                payload.pop("took_ms", None)
+                answers.append((response.status_code, payload))
+            wrong_key = client.post(
+                "/v1/retrieve",
+                content=json.dumps(bodies[0]),
+                headers={"content-type": "application/json", "x-api-key": "x" * 24},
+            )
+            answers.append((wrong_key.status_code, wrong_key.json()))
+            metrics = client.get("/metrics").text
+            assert 'route="/v1/retrieve"' in metrics and 'status="200"' in metrics
+            seen[fast_path] = answers
+            counts[fast_path] = dict(client.app.state.fast_path)  # type: ignore[attr-defined]
+    assert seen[True] == seen[False]
+    assert [status for status, _ in seen[True]] == [200, 200, 200, 422, 422, 404] + [422] * 4 + [
+        401
+    ]
+    assert counts[True] == {"answered": 6, "handed_over": 4}
+    assert counts[False] == {"answered": 0, "handed_over": 0}
