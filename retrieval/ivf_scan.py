@@ -16,9 +16,13 @@ from the list's centroid). The inner product with a query q is therefore
 
 a per-list constant plus one dot product of a fixed weight vector with the codes.
 
-Measured with bench/kern-style interleaved runs on the 1M-item benchmark index
-(IVF4000,SQ8, nprobe 1024, k=1000, one thread, 2-core AMD EPYC VM): 3.6-4.6 ms per
-query against FAISS's 5.2-5.9 ms, identical top-1000 sets, max score difference 9e-8.
+Measured on the 1M-item benchmark index (bench/bench_service.py's, IVF4000,SQ8, k=1000,
+one thread, 2-core AMD EPYC VM, interleaved rounds): at nprobe 1024, 3.4-3.6 ms per query
+against FAISS's 4.8-5.0 ms in one set of rounds, 5.1-5.4 against 6.4-7.7 in another (the VM's
+speed varies); the benchmark's in-process floor, 4.4 against 7.0 ms. Same top-1000 sets on 100 queries,
+largest score difference 1.3e-7. Nearly all the time is the dot products (k = 1 costs 96 %
+of k = 1000), and they are compute-bound: 4-bit codes derived from the 8-bit ones halve
+the bytes read but were slower (6.3 against 4.5 ms), so they are not used.
 
 The scanner keeps its own copy of the codes (N x D bytes, plus 8 bytes of label per
 item: 72 MB at 1M items of D=64). Unsupported indexes (anything but a single IVF with

@@ -113,8 +113,8 @@ class ServiceSettings(BaseSettings):
         le=64,
         description="Micro-batches that may run at once, each on its own thread with its own "
         "`faiss_threads` (FAISS and torch release the GIL, so 2 workers search on 2 cores; "
-        "on the 2-core machine, 1M items, k=1000: 400 QPS at p99 19 ms with 2, saturated "
-        "with 1, see bench/results/bench_service_1m.txt).",
+        "on session 2's 2-core VM, 1M items, k=1000: 400 QPS at p99 19 ms with 2, "
+        "saturated with 1, see bench/results/bench_service_1m.txt).",
     )
     torch_threads: int = Field(
         default=1,
