@@ -24,7 +24,9 @@ largest score difference 1.3e-7. Nearly all the time is the dot products (k = 1 
 of k = 1000), and they are compute-bound: 4-bit codes derived from the 8-bit ones halve
 the bytes read but were slower (6.3 against 4.5 ms), so they are not used.
 
-The scanner keeps its own copy of the codes (N x D bytes, plus 8 bytes of label per
+The two kernels are compiled on first use, about 1.5 s once per process (the service's
+warm-up search pays it before it reports ready); nothing is cached on disk, so a read-only
+container runs them. The scanner keeps its own copy of the codes (N x D bytes, plus 8 bytes of label per
 item: 72 MB at 1M items of D=64). Unsupported indexes (anything but a single IVF with
 SQ8 codes and inner product) get None from `ListScanner.from_index`; callers keep using
 FAISS for them.
@@ -46,7 +48,7 @@ FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 
-@numba.njit(nogil=True, fastmath=True, cache=True)
+@numba.njit(nogil=True, fastmath=True)
 def _scan_lists(
     codes: Any,
     offsets: Any,
@@ -111,7 +113,7 @@ def _scan_lists(
     return filled
 
 
-@numba.njit(nogil=True, fastmath=True, cache=True)
+@numba.njit(nogil=True, fastmath=True)
 def _dot_rows(matrix: Any, vector: Any, out: Any) -> None:
     """``out[i] = matrix[i] . vector`` (the coarse scores, without numpy's BLAS threads)."""
     for i in range(matrix.shape[0]):
