@@ -137,6 +137,7 @@ def run_index_list(args: argparse.Namespace) -> int:
                 "num_items": info.num_items,
                 "factory": info.factory,
                 "recall": info.recall,
+                "shards": info.shards,
                 "error": info.error,
             }
             for info in infos
@@ -146,7 +147,10 @@ def run_index_list(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no index versions under {args.root}")
         return 0
-    print(f"  {'version':<34} {'created':<28} {'items':>12} {'factory':<18} {'recall':>7}")
+    print(
+        f"  {'version':<34} {'created':<28} {'items':>12} {'factory':<18} {'recall':>7} "
+        f"{'shards':>6}"
+    )
     for info in infos:
         marker = "*" if info.current else " "
         if info.manifest is None:
@@ -155,7 +159,7 @@ def run_index_list(args: argparse.Namespace) -> int:
         recall = f"{info.recall:.4f}" if info.recall is not None else "-"
         print(
             f"{marker} {info.name:<34} {info.created:<28} {info.num_items or 0:>12,} "
-            f"{info.factory or '-':<18} {recall:>7}"
+            f"{info.factory or '-':<18} {recall:>7} {info.shards:>6}"
         )
     return 0
 

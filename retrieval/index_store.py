@@ -347,6 +347,12 @@ class VersionInfo:
         value = (self.manifest or {}).get("recall", {}).get("recall")
         return float(value) if value is not None else None
 
+    @property
+    def shards(self) -> int:
+        """Index files of the version (1 unless it was built with ``--shards``)."""
+        listed = (self.manifest or {}).get("index", {}).get("shards")
+        return len(listed) if isinstance(listed, list) and listed else 1
+
 
 def list_versions(root: str | Path) -> list[VersionInfo]:
     """Every version directory under `root/versions`, oldest first (by build time, then name).

@@ -70,6 +70,7 @@ def test_cli_list_rollback_and_verify(tmp_path: Path, capsys: pytest.CaptureFixt
     assert retrieval_main(["index", "list", "--root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("  v1 ") and lines[2].startswith("* v2 ")
+    assert lines[0].split()[-1] == "shards" and lines[2].split()[-1] == "1"
     assert retrieval_main(["index", "rollback", "--root", str(tmp_path)]) == 0
     assert "CURRENT: v2 -> v1" in capsys.readouterr().out
     assert read_current(tmp_path) == "v1"

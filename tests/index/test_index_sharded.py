@@ -13,7 +13,12 @@ import torch.multiprocessing as mp
 from index_fixtures import WORLD_SIZE, sharded_rank_main
 
 from index.build import BuildOptions, build_index
-from retrieval.index_store import load_index_version, read_current, reconstruct_all
+from retrieval.index_store import (
+    list_versions,
+    load_index_version,
+    read_current,
+    reconstruct_all,
+)
 
 
 def _free_port() -> int:
@@ -46,6 +51,9 @@ def test_two_process_two_shard_build_equals_single_process_build(
     assert (b.num_items, b.dim, b.factory) == (a.num_items, a.dim, a.factory)
     assert (a.num_shards, b.num_shards) == (1, 2)
     assert [s["num_items"] for s in b.manifest["index"]["shards"]] == [300, 300]
+    listed = {info.name: info.shards for info in list_versions(sharded_root)}
+    assert listed[b.version] == 2
+    assert [info.shards for info in list_versions(tmp_path / "single")] == [1]
     vectors_a = reconstruct_all(a.index)
     vectors_b = reconstruct_all(b.index)  # shard 0's rows, then shard 1's
     # same rows in the same order; batch shapes differ, so allow float rounding only
