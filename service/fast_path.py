@@ -4,9 +4,9 @@ At a few hundred requests per second on two cores, FastAPI's generic per-request
 (routing, dependency resolution, body decoding with the standard `json`, validation
 through its field wrappers, exception middlewares, response wrappers) costs about as
 much CPU as the query tower and the encoding together. `RetrieveFastPath` is a pure ASGI
-middleware that answers well-formed retrieval requests itself, running exactly what the
-route does (`service.routes.retrieve.retrieve`): admission limit, request deadline,
-`RetrievalEngine.prepare` / `execute`, the orjson answer, and the error answers of
+middleware that answers well-formed retrieval requests itself with the route's own
+`service.routes.retrieve.retrieve_one` (admission limit, request deadline,
+`RetrievalEngine.prepare` / `execute`, the orjson answer) and the error answers of
 `service.errors`.
 
 Everything else goes to the FastAPI app, which then answers as it always does: another
@@ -22,9 +22,7 @@ middleware, so those apply to both paths; the route label of its answers is
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError, service_error_answer, unexpected_answer
 from service.middleware import replay_body
-from service.routes.retrieve import deadline_error, json_response
+from service.routes.retrieve import retrieve_one
 from service.schemas import RetrieveRequest
 
 PATH = "/v1/retrieve"
@@ -104,17 +102,8 @@ class RetrieveFastPath:
 
     async def _answer(self, services: Any, request: RetrieveRequest, scope: Scope) -> Any:
         """What `service.routes.retrieve.retrieve` answers, errors included."""
-        started = time.perf_counter()
-        engine, settings = services.engine, services.settings
         try:
-            with services.limiter.admit():
-                try:
-                    async with asyncio.timeout(settings.request_timeout_s):
-                        prepared = await engine.prepare(request)
-                        result, cached = await engine.execute(prepared)
-                except TimeoutError as exc:
-                    raise deadline_error(engine, settings.request_timeout_s) from exc
-            return json_response(engine.response(result, cached, started))
+            return await retrieve_one(request, services.engine, services.limiter, services.settings)
         except ServiceError as exc:
             return service_error_answer(exc, scope["method"], scope["path"])
         except Exception:

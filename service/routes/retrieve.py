@@ -45,8 +45,7 @@ def json_response(payload: dict[str, Any]) -> Response:
     return Response(content=orjson.dumps(payload), media_type="application/json")
 
 
-def deadline_error(engine: RetrievalEngine, timeout_s: float) -> DeadlineExceededError:
-    """The 504 of a request past its deadline (counted in the metrics)."""
+def _deadline(engine: RetrievalEngine, timeout_s: float) -> DeadlineExceededError:
     engine.metrics.rejected.labels(reason="timeout").inc()
     return DeadlineExceededError(f"the request did not finish within {timeout_s:g} s")
 
@@ -64,6 +63,17 @@ async def retrieve(
     settings: Annotated[ServiceSettings, Depends(get_settings)],
 ) -> Response:
     """Inline `query` features and/or a `user_id`; ids best first with their scores."""
+    return await retrieve_one(body, engine, limiter, settings)
+
+
+async def retrieve_one(
+    body: RetrieveRequest,
+    engine: RetrievalEngine,
+    limiter: AdmissionLimiter,
+    settings: ServiceSettings,
+) -> Response:
+    """One retrieval under the admission limit and the deadline (the route's work, shared
+    with `service.fast_path`); errors are raised as `ServiceError`s."""
     started = time.perf_counter()
     with limiter.admit():
         try:
@@ -71,7 +81,7 @@ async def retrieve(
                 prepared = await engine.prepare(body)
                 result, cached = await engine.execute(prepared)
         except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+            raise _deadline(engine, settings.request_timeout_s) from exc
     return json_response(engine.response(result, cached, started))
 
 
@@ -104,7 +114,7 @@ async def retrieve_batch(
                 ]
                 answers = await engine.execute_many(prepared)
         except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+            raise _deadline(engine, settings.request_timeout_s) from exc
     results = [engine.response(result, cached, started) for result, cached in answers]
     took_ms = round((time.perf_counter() - started) * 1000, 3)
     return json_response({"results": results, "took_ms": took_ms})
