@@ -204,14 +204,16 @@ class ListScanner:
                 probe = np.arange(self.nlist)
             probe = probe[np.argsort(-coarse[probe], kind="stable")]
             common = np.float32(np.dot(query, self._offset))
-            bases = coarse[probe] + common if self.by_residual else np.full(nprobe, common)
-            weights = (query * self._scale).astype(np.float32)
+            if self.by_residual:
+                bases = coarse[probe] + common  # float32
+            else:
+                bases = np.full(nprobe, common, dtype=np.float32)
             filled = _scan_lists(
                 self.codes,
                 self.offsets,
-                probe.astype(np.int64),
-                bases.astype(np.float32),
-                weights,
+                probe.astype(np.int64, copy=False),
+                bases,
+                query * self._scale,  # float32 weights of the codes
                 k,
                 heap_scores,
                 heap_rows,
