@@ -56,7 +56,8 @@ def main() -> None:
                 "best_epoch": metrics["best_epoch"],
                 "model": {f"recall@{k}": metrics["test"][f"recall@{k}"] for k in KS},
                 "popularity": {
-                    f"recall@{k}": metrics["test_popularity"][f"recall@{k}"] for k in KS
+                    f"recall@{k}": metrics["test_baselines"]["popularity"][f"recall@{k}"]
+                    for k in KS
                 },
             }
         )

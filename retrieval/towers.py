@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 Arrangement = Literal["parallel", "stacked", "deep", "cross"]
 ARRANGEMENTS: tuple[str, ...] = get_args(Arrangement)
+HistoryPooling = Literal["mean", "position"]
+HISTORY_POOLINGS: tuple[str, ...] = get_args(HistoryPooling)
 USES_CROSS = frozenset({"parallel", "stacked", "cross"})
 USES_MLP = frozenset({"parallel", "stacked", "deep"})
 
@@ -108,10 +110,21 @@ class FeatureEmbedding(nn.Module):
     the feature. Out-of-range indices are left to the lookup ops (``IndexError`` or
     ``RuntimeError``).
 
+    History pooling (``history_pooling``), over a history ordered most recent first:
+
+    - ``"mean"``: the plain mean above;
+    - ``"position"``: learned recency weights, ``e_f = sum_t w_t E_f[idx_t] / sum_t w_t`` over
+      the non-PAD positions t, with ``w_t = exp(a_t)`` and one learned ``a_t`` per position
+      (``history_max_length`` of them, initialised to 0, i.e. the mean). Causal as the mean:
+      it reads only the history it is given.
+
     Args:
         features: the tower's features, in the order their embeddings are concatenated.
         shared_tables: tables owned by the other tower, by feature name (the history
             feature's `shared_with`). Required when `features` holds a history feature.
+        history_pooling: "mean" or "position" (history features only).
+        history_max_length: longest history "position" pooling accepts (its number of
+            weights); required (>= 1) with "position".
 
     Shapes:
         input: ``{name: [batch_size] | [batch_size, length] | [batch_size, width]}``;
@@ -122,8 +135,14 @@ class FeatureEmbedding(nn.Module):
         self,
         features: Sequence[FeatureInput],
         shared_tables: Mapping[str, nn.Embedding] | None = None,
+        history_pooling: HistoryPooling = "mean",
+        history_max_length: int = 0,
     ) -> None:
         super().__init__()
+        if history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(
+                f"`history_pooling` must be one of {list(HISTORY_POOLINGS)}; got {history_pooling!r}"
+            )
         features = tuple(features)
         if not features:
             raise ValueError("`features` must hold at least one FeatureInput; got ()")
@@ -134,11 +153,17 @@ class FeatureEmbedding(nn.Module):
         shared_tables = dict(shared_tables or {})
         self.features = features
         self.tables = nn.ModuleDict()
+        self.position_logits = nn.ParameterDict()  # history name -> a, [history_max_length]
         for feature in features:
             if feature.kind == FeatureKind.DENSE:
                 continue
             if feature.kind == FeatureKind.HISTORY:
                 self.tables[feature.name] = self._shared_table(feature, shared_tables)
+                if history_pooling == "position":
+                    check_positive("history_max_length", history_max_length)
+                    self.position_logits[feature.name] = nn.Parameter(
+                        torch.zeros(history_max_length)
+                    )
                 continue
             table = nn.Embedding(feature.cardinality, feature.embedding_dim, padding_idx=PAD_INDEX)
             nn.init.normal_(table.weight, std=feature.embedding_dim**-0.5)
@@ -219,6 +244,26 @@ class FeatureEmbedding(nn.Module):
                 parts.append(
                     F.embedding(values, weight, padding_idx=PAD_INDEX, sparse=sparse)
                 )  # (B, dim)
+            elif feature.name in self.position_logits:
+                logits = self.position_logits[feature.name]
+                if values.shape[1] > logits.shape[0]:
+                    raise ValueError(
+                        f"feature {feature.name!r} holds {values.shape[1]} items; position "
+                        f"pooling was built for at most {logits.shape[0]}"
+                    )
+                present = (values != PAD_INDEX).to(logits.dtype)  # (B, L)
+                position_weights = torch.exp(logits[: values.shape[1]]) * present  # (B, L)
+                total = position_weights.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, 1)
+                parts.append(
+                    F.embedding_bag(
+                        values,
+                        weight,
+                        mode="sum",
+                        per_sample_weights=position_weights / total,
+                        padding_idx=PAD_INDEX,
+                        sparse=sparse,
+                    )
+                )  # (B, dim): all-PAD rows give zeros
             else:
                 # Mean over the non-PAD entries of each row; an all-PAD row gives zeros.
                 parts.append(
@@ -342,6 +387,8 @@ class Tower(nn.Module):
         features: the tower's features (see `FeatureEmbedding`).
         arrangement, cross_kind, cross_layers, rank, num_experts, expert_activation,
             mask_hidden, mlp_hidden, dropout, layer_norm: the block (see `CombinationBlock`).
+        history_pooling, history_max_length: how history features are pooled (see
+            `FeatureEmbedding`).
         head_hidden: widths of the head MLP between the block and the output projection
             (may be empty: the projection then reads the block output directly).
         output_dim: D, the embedding width.
@@ -368,11 +415,15 @@ class Tower(nn.Module):
         output_dim: int = 64,
         dropout: float = 0.0,
         layer_norm: bool = False,
+        history_pooling: HistoryPooling = "mean",
+        history_max_length: int = 0,
         shared_tables: Mapping[str, nn.Embedding] | None = None,
     ) -> None:
         super().__init__()
         check_positive("output_dim", output_dim)
-        self.embedding = FeatureEmbedding(features, shared_tables)
+        self.embedding = FeatureEmbedding(
+            features, shared_tables, history_pooling, history_max_length
+        )
         self.block = CombinationBlock(
             self.embedding.output_dim,
             arrangement=arrangement,
@@ -440,6 +491,10 @@ class TowerConfig:
     dropout: float = 0.0
     # LayerNorm before every MLP activation.
     layer_norm: bool = False
+    # How a history feature is pooled: "mean" | "position" (learned recency weights).
+    history_pooling: HistoryPooling = "mean"
+    # "position": the longest history accepted (one weight per position); 0 otherwise.
+    history_max_length: int = 0
 
     def __post_init__(self) -> None:
         features = tuple(
@@ -464,6 +519,13 @@ class TowerConfig:
             raise ValueError(
                 f"`cross_kind` must be one of {list(CROSS_KINDS)}; got {self.cross_kind!r}"
             )
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(
+                f"`history_pooling` must be one of {list(HISTORY_POOLINGS)}; got "
+                f"{self.history_pooling!r}"
+            )
+        if self.history_pooling == "position":
+            check_positive("history_max_length", self.history_max_length)
         if self.arrangement in USES_CROSS:
             check_positive("cross_layers", self.cross_layers)
             if self.cross_kind != "full":

@@ -114,7 +114,8 @@ def variant_config(
     base: Any, variant: Variant, *, seed: int, epochs: int | None, ks: Sequence[int]
 ) -> Any:
     """The base `TrainConfig` with the variant's shape, the seed, the epoch budget, the
-    report's K in `eval.ks` and early stopping off (patience beyond the budget)."""
+    report's K in `eval.ks`, early stopping off (patience beyond the budget) and popularity
+    as the only baseline of each run's test table (EASE and ALS do not depend on the variant)."""
     epochs = epochs or base.epochs
     return base.with_overrides(
         seed=seed,
@@ -124,6 +125,7 @@ def variant_config(
             "model.cross": variant.cross or base.model.cross,
             "eval.ks": sorted({*base.eval.ks, *ks}),
             "eval.patience": epochs + 1,
+            "eval.baselines": ["popularity"],
         },
     )
 
@@ -319,7 +321,7 @@ def run_one(
         "steps": metrics.get("steps"),
         "best_epoch": metrics.get("best_epoch"),
         "test": metrics.get("test", {}),
-        "test_popularity": metrics.get("test_popularity", {}),
+        "test_popularity": metrics.get("test_baselines", {}).get("popularity", {}),
         "train_seconds": metrics.get("train_seconds"),
         "examples_per_second": (
             sum(h["examples_per_second"] for h in history) / len(history) if history else None

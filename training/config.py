@@ -10,7 +10,7 @@ Example:
     >>> TrainConfig.from_dict({"epoch": 3})
     Traceback (most recent call last):
     ...
-    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
+    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-ARRANGEMENTS = ("parallel", "stacked", "deep", "cross")
-CROSS_KINDS = ("full", "lowrank", "mix", "masked")
+from retrieval.evaluation.baselines import BASELINES
+from retrieval.layers import CROSS_KINDS
+from retrieval.towers import ARRANGEMENTS, HISTORY_POOLINGS
 
 T = TypeVar("T")
 
@@ -42,8 +43,13 @@ class ModelSection:
     output_dim: int = 64  # embedding size D (query and item)
     dropout: float = 0.0  # dropout in the MLPs
     layer_norm: bool = False  # LayerNorm in the MLPs
+    history_pooling: str = "mean"  # query history: mean | position (learned recency weights)
 
     def __post_init__(self) -> None:
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(
+                f"`model.history_pooling` must be one of {HISTORY_POOLINGS}; got {self.history_pooling!r}"
+            )
         if self.arrangement not in ARRANGEMENTS:
             raise ValueError(
                 f"`model.arrangement` must be one of {ARRANGEMENTS}; got {self.arrangement!r}"
@@ -63,6 +69,7 @@ class LossSection:
     logq_correction: bool = True  # subtract log sampling probability (train frequencies)
     mask_accidental_hits: bool = True  # a repeated item in the batch is not its own negative
     num_extra_negatives: int = 0  # mixed negatives: uniform catalog samples per batch
+    full_catalog: bool = False  # exact softmax over every item (small catalogs; no logQ)
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,14 @@ class EvalSection:
     patience: int = 3  # epochs without improvement before stopping
     every_epochs: int = 1  # validate every N epochs
     max_users: int = 0  # 0 = all users; else a fixed random sample (valid and test; big data)
+    baselines: tuple[str, ...] = ("popularity", "ease", "als")  # in the test table
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        unknown = [name for name in self.baselines if name not in BASELINES]
+        if unknown:
+            raise ValueError(f"`eval.baselines` entries must be in {BASELINES}; got {unknown}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class TrainConfig:
     history_length: int = 0  # 0 = the schema's history max_length; else override
     embedding_dims: dict[str, int] = field(default_factory=dict)  # per-feature overrides
     num_threads: int = 0  # torch intra-op threads; 0 = all cores
+    refit: bool = True  # after selecting the epochs on valid, retrain on train + valid for test
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
     eval: EvalSection = field(default_factory=EvalSection)

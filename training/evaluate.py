@@ -1,5 +1,5 @@
 """`retrieval evaluate`: full-catalog recall of a model bundle, exact and through a published
-ANN index, next to popularity and ALS baselines, under the fixed split protocol.
+ANN index, next to the popularity, EASE and ALS baselines, under the fixed split protocol.
 
 Usage::
 
@@ -7,11 +7,12 @@ Usage::
     retrieval evaluate --model M --data D --index artifacts/demo/index --json eval.json
     retrieval evaluate --model M --data D --split valid --k 10,50 --max-users 5000 \\
         --baselines popularity
+    retrieval evaluate --model M --data data/ml-100k-cold-items --cold items
 
 Protocol (`retrieval.evaluation`): for the target split S, a user with interactions in S is
 queried with their features and the history at the end of their context (train for valid;
 train + valid for test); the whole catalog minus the context items is ranked; the held-out
-set is their S items. Metrics: recall@K, hit-rate@K and NDCG@K (`retrieval.metrics`).
+set is their S items. Metrics: recall@K, hit-rate@K and NDCG@K (`retrieval.evaluation.metrics`).
 
 Stages (timed, with progress bars): load bundle and dataset -> build queries -> embed the
 catalog in slices -> exact top-K in query chunks (memory: one ``[chunk, item_chunk]`` score
@@ -38,7 +39,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 50, 100, 1000)
-DEFAULT_BASELINES = ("popularity", "als")
+DEFAULT_BASELINES = ("popularity", "ease", "als")
 METRIC_NAMES = ("recall", "hit_rate", "ndcg")
 
 
@@ -196,7 +197,7 @@ def rank_in_chunks(
     over query chunks, with a progress bar; `exclude_rows` is the chunk's `ItemSets`."""
     import torch
 
-    from training.baselines import slice_item_sets
+    from retrieval.evaluation.metrics import slice_item_sets
 
     num_queries = exclude.num_queries
     parts = []
@@ -223,7 +224,7 @@ def exact_ranking(
 
     A score block is ``query_chunk_size x item_chunk_size`` float32 (128 MiB by default);
     wide item chunks mean fewer running top-k merges, which dominate at K = 1000."""
-    from retrieval.metrics import exact_top_k
+    from retrieval.evaluation.metrics import exact_top_k
 
     def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
         _, ranking = exact_top_k(
@@ -239,42 +240,6 @@ def exact_ranking(
     return rank_in_chunks(
         top_k, exclude, k, query_chunk_size=query_chunk_size, desc="exact top-k", progress=progress
     )
-
-
-def drop_excluded(candidates: Any, exclude: Any, k: int) -> Any:
-    """Keep, per row, the first `k` candidates that are not excluded (and not ``-1``).
-
-    Args:
-        candidates: ``[q, m]`` int64 item rows, best first, ``-1`` padded (an ANN answer).
-        exclude: `ItemSets` with q rows.
-        k: columns of the result.
-
-    Returns:
-        ``[q, k]`` int64, ``-1`` padded when fewer than k candidates survive.
-
-    >>> import torch
-    >>> from retrieval.metrics import ItemSets
-    >>> drop_excluded(torch.tensor([[4, 2, 7, -1], [1, 0, 3, 5]]), ItemSets.from_lists([[2], [9]]), 3)
-    tensor([[ 4,  7, -1],
-            [ 1,  0,  3]])
-    """
-    import torch
-
-    candidates = torch.as_tensor(candidates, dtype=torch.int64)
-    num_rows, width = candidates.shape
-    valid = candidates >= 0  # (q, m)
-    if len(exclude.indices):
-        stride = max(int(candidates.max()), int(exclude.indices.max())) + 1
-        excluded_rows = torch.repeat_interleave(torch.arange(num_rows), exclude.sizes())
-        excluded_keys = excluded_rows * stride + exclude.indices  # (e,)
-        keys = torch.arange(num_rows)[:, None] * stride + candidates  # (q, m)
-        valid &= ~torch.isin(keys, excluded_keys)
-    position = valid.cumsum(dim=1) - 1  # (q, m): slot of each surviving candidate
-    keep = valid & (position < k)
-    out = torch.full((num_rows, k), -1, dtype=torch.int64)
-    rows = torch.arange(num_rows)[:, None].expand(num_rows, width)
-    out[rows[keep], position[keep]] = candidates[keep]
-    return out
 
 
 def ann_ranking(
@@ -294,6 +259,8 @@ def ann_ranking(
     import numpy as np
     import torch
 
+    from retrieval.evaluation.metrics import drop_excluded
+
     def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
         sizes = exclude_rows.sizes()
         fetch = k + (int(sizes.max()) if len(sizes) else 0)
@@ -308,38 +275,6 @@ def ann_ranking(
     return rank_in_chunks(
         top_k, exclude, k, query_chunk_size=query_chunk_size, desc="ANN search", progress=progress
     )
-
-
-def top_k_overlap(
-    ranking: Any, reference: Any, ks: Sequence[int], *, chunk_size: int = 4096
-) -> dict[str, float]:
-    """Mean ``|ranking[:, :K] ∩ reference[:, :K]| / |reference[:, :K]|`` per K: the usual
-    "ANN recall" of an index against exact search (``-1`` padding ignored; queries whose
-    reference row is empty are left out). Works `chunk_size` queries at a time.
-
-    >>> import torch
-    >>> top_k_overlap(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 4]]), [1, 3])
-    {'overlap@1': 1.0, 'overlap@3': 0.6666666666666666}
-    """
-    import torch
-
-    sums = dict.fromkeys(ks, 0.0)
-    counts = dict.fromkeys(ks, 0)
-    for start in range(0, ranking.shape[0], chunk_size):
-        ours_all = ranking[start : start + chunk_size]
-        ref_all = reference[start : start + chunk_size]
-        rows = torch.arange(len(ours_all))[:, None]  # (q, 1)
-        stride = max(int(ours_all.max()), int(ref_all.max()), 0) + 1
-        for k in ks:
-            ours, ref = ours_all[:, :k], ref_all[:, :k]
-            ref_keys = (rows * stride + ref)[ref >= 0]  # (n,) one key per (query, item)
-            found = torch.isin(rows * stride + ours, ref_keys) & (ours >= 0)  # (q, k)
-            sizes = (ref >= 0).sum(dim=1)  # (q,)
-            has = sizes > 0
-            share = found.sum(dim=1)[has].to(torch.float64) / sizes[has].to(torch.float64)
-            sums[k] += float(share.sum())
-            counts[k] += int(has.sum())
-    return {f"overlap@{k}": sums[k] / counts[k] if counts[k] else 1.0 for k in ks}
 
 
 # --------------------------------------------------------------------------- the job
@@ -419,8 +354,9 @@ def evaluate_bundle(
     max_users: int = 0,
     seed: int = 0,
     baselines: Sequence[str] = DEFAULT_BASELINES,
-    als_grid: Any = None,
+    grids: Any = None,
     tuning_max_users: int = 0,
+    cold: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model bundle on `split` (exact, optionally ANN) and the baselines.
@@ -434,22 +370,32 @@ def evaluate_bundle(
         index_version: the version under `index_root` (None = the current one).
         max_users: evaluate a fixed random sample of this many users (0 = all).
         seed: seed of that sample and of the ALS initialisation.
-        baselines: any of 'popularity', 'als'.
-        als_grid: `training.baselines.ALSGrid` (None = its default small grid).
-        tuning_max_users: valid users sampled for ALS tuning (0 = `max_users`).
+        baselines: any of 'popularity', 'ease', 'als'.
+        grids: `retrieval.evaluation.baselines.BaselineGrids` (None = the default grids).
+        tuning_max_users: valid users sampled for baseline tuning (0 = `max_users`).
+        cold: "items" or "users": the cold-start evaluation of a dataset written by
+            `retrieval data cold` (`retrieval.evaluation.protocol.cold_queries`); EASE and
+            ALS are then reported as not applicable and "random" may be named.
         progress: progress bars on stderr.
 
     Returns:
         The JSON-ready report: setup, per-ranker metrics, ANN comparison, timings.
     """
     from retrieval.bundle import load_bundle
+    from retrieval.data.cold import cold_spec
     from retrieval.data.dataset import load_dataset
-    from retrieval.evaluation import build_eval_queries, encode_users_in_encoder_order
-    from training import baselines as bl
+    from retrieval.evaluation import baselines as bl
+    from retrieval.evaluation import (
+        build_eval_queries,
+        encode_users_in_encoder_order,
+        top_k_overlap,
+    )
+    from retrieval.evaluation.protocol import cold_queries
 
+    allowed = bl.COLD_BASELINES if cold else bl.BASELINES
     for name in baselines:
-        if name not in bl.BASELINES:
-            raise ValueError(f"`baselines` entries must be in {list(bl.BASELINES)}; got {name!r}")
+        if name not in allowed:
+            raise ValueError(f"`baselines` entries must be in {list(allowed)}; got {name!r}")
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with timed(timings, "load"):
@@ -471,6 +417,18 @@ def evaluate_bundle(
         queries = build_eval_queries(
             encoder, dataset, split, max_users=max_users, seed=seed, user_features=user_features
         )
+        cold_record = None
+        if cold is not None:
+            cold_record = cold_spec(dataset)
+            if cold_record is None or cold_record.get("mode") != cold:
+                found = (
+                    "a regular dataset" if cold_record is None else f"cold {cold_record['mode']}"
+                )
+                raise ValueError(
+                    f"`--cold {cold}` needs a dataset written by `retrieval data cold {cold}`; "
+                    f"{data_dir} is {found}"
+                )
+            queries = cold_queries(queries, encoder, cold_record)
     model = bundle.model.eval()
     with timed(timings, "embed"):
         item_emb = embed_catalog(model, encoder, dataset.items, progress=progress)
@@ -517,37 +475,33 @@ def evaluate_bundle(
         del ann
     del exact
 
-    for name in baselines:
-        with timed(timings, name):
-            try:
-                if name == "popularity":
-                    results[name] = bl.evaluate_popularity_baseline(encoder, dataset, queries, ks)
-                else:
-                    valid_queries = (
-                        queries
-                        if split == "valid" and not tuning_max_users
-                        else build_eval_queries(
-                            encoder,
-                            dataset,
-                            "valid",
-                            max_users=tuning_max_users or max_users,
-                            seed=seed,
-                            user_features=user_features,
-                        )
-                    )
-                    als = bl.tune_and_evaluate_als(
-                        encoder,
-                        dataset,
-                        queries,
-                        ks,
-                        valid_queries=valid_queries,
-                        grid=als_grid or bl.ALSGrid(),
-                        seed=seed,
-                    )
-                    results[name] = als.to_dict()
-            except bl.BaselineUnavailable as exc:
-                logger.warning("baseline %s skipped: %s", name, exc)
-                results[name] = {"skipped": str(exc)}
+    if baselines:
+        with timed(timings, "baselines"):
+            valid_queries = (
+                queries
+                if split == "valid" and not tuning_max_users
+                else build_eval_queries(
+                    encoder,
+                    dataset,
+                    "valid",
+                    max_users=tuning_max_users or max_users,
+                    seed=seed,
+                    user_features=user_features,
+                )
+            )
+            results.update(
+                bl.evaluate_baselines(
+                    baselines,
+                    encoder,
+                    dataset,
+                    queries,
+                    ks,
+                    valid_queries=valid_queries,
+                    grids=grids or bl.BaselineGrids(),
+                    seed=seed,
+                    cold=cold,
+                )
+            )
 
     timings["total"] = time.perf_counter() - started
     return {
@@ -565,6 +519,14 @@ def evaluate_bundle(
             "cross_kind": bundle.config.query.cross_kind,
         },
         "data": str(Path(data_dir).resolve()),
+        "cold": None
+        if cold_record is None
+        else {
+            "mode": cold_record["mode"],
+            "cutoff_timestamp": cold_record["cutoff_timestamp"],
+            "num_cold": len(cold_record["ids"]),
+            "scored_users": len(queries),
+        },
         "results": results,
         "ann": ann_report,
         "timings": timings,
@@ -578,7 +540,7 @@ def ranking_metrics_of(
     """`ranking_metrics` over query chunks, combined by user counts (each chunk's per-user
     float64 work arrays are ``[chunk, K]``, not ``[Q, K]``, which at 100k users and
     K = 1000 would be gigabytes)."""
-    from training.baselines import chunked_ranking_metrics
+    from retrieval.evaluation.metrics import chunked_ranking_metrics
 
     return chunked_ranking_metrics(ranking, queries.held_out, ks, chunk_size=chunk_size)
 
@@ -595,8 +557,10 @@ def _ranker_label(name: str, result: dict[str, Any], report: dict[str, Any]) -> 
     if name == "als" and "params" in result:
         p = result["params"]
         return f"als (f={p['factors']}, reg={p['regularization']:g}, a={p['alpha']:g})"
+    if name == "ease" and "params" in result:
+        return f"ease (lambda={result['params']['l2']:g})"
     if name == "popularity":
-        return f"popularity ({result.get('counts', 'train')})"
+        return f"popularity ({result.get('context', 'train')})"
     return name
 
 
@@ -610,6 +574,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"split {report['split']}: {report['num_users']} users, {report['num_items']} items "
         "(full catalog, context items excluded)"
     ]
+    if report.get("cold"):
+        cold = report["cold"]
+        held = "cold items only" if cold["mode"] == "items" else "cold users only"
+        lines.append(
+            f"cold start ({cold['mode']}): {cold['num_cold']} {cold['mode']} first seen after "
+            f"{cold['cutoff_timestamp']}; scored: {held}"
+        )
     if report.get("ann"):
         ann = report["ann"]
         index = (ann.get("index_manifest") or {}).get("index", {})
@@ -659,17 +630,25 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from retrieval.atomic import atomic_write_text
-    from training.baselines import ALSGrid
+    from retrieval.evaluation.baselines import ALSGrid, BaselineGrids
 
     ks = parse_ks(args.k)
-    baselines = parse_names(args.baselines, DEFAULT_BASELINES, "--baselines")
+    from retrieval.evaluation.baselines import COLD_BASELINES
+
+    if args.baselines is None:
+        args.baselines = ",".join(COLD_BASELINES if args.cold else DEFAULT_BASELINES)
+    allowed = COLD_BASELINES if args.cold else DEFAULT_BASELINES
+    baselines = parse_names(args.baselines, allowed, "--baselines")
     if args.max_users < 0:
         raise ValueError(f"`--max-users` must be >= 0; got {args.max_users}")
-    grid = ALSGrid(
-        factors=tuple(int(v) for v in args.als_factors.split(",")),
-        regularization=tuple(float(v) for v in args.als_regularization.split(",")),
-        alpha=tuple(float(v) for v in args.als_alpha.split(",")),
-        iterations=args.als_iterations,
+    grids = BaselineGrids(
+        als=ALSGrid(
+            factors=tuple(int(v) for v in args.als_factors.split(",")),
+            regularization=tuple(float(v) for v in args.als_regularization.split(",")),
+            alpha=tuple(float(v) for v in args.als_alpha.split(",")),
+            iterations=args.als_iterations,
+        ),
+        ease_l2=tuple(float(v) for v in args.ease_l2.split(",")),
     )
     if args.index_version and not args.index:
         raise ValueError("`--index-version` needs `--index`")
@@ -683,8 +662,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         max_users=args.max_users,
         seed=args.seed,
         baselines=baselines,
-        als_grid=grid,
+        grids=grids,
         tuning_max_users=args.tuning_max_users,
+        cold=args.cold,
         progress=not args.no_progress,
     )
     print(format_report(report))
@@ -717,13 +697,22 @@ def register_evaluate(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="user sample and ALS seed")
     parser.add_argument(
         "--baselines",
-        default=",".join(DEFAULT_BASELINES),
-        help="comma-separated: popularity, als ('' for none; default %(default)s)",
+        default=None,
+        help="comma-separated: popularity, ease, als, and random with --cold ('' for none; "
+        "default all of them)",
+    )
+    parser.add_argument(
+        "--cold",
+        choices=("items", "users"),
+        help="cold-start evaluation of a dataset written by `retrieval data cold MODE`",
     )
     parser.add_argument("--als-factors", default="32,64,128", help="ALS grid: factors")
     parser.add_argument("--als-regularization", default="0.01,0.1", help="ALS grid: lambda")
     parser.add_argument("--als-alpha", default="1,10", help="ALS grid: confidence alpha")
     parser.add_argument("--als-iterations", type=int, default=15, help="ALS sweeps per fit")
+    parser.add_argument(
+        "--ease-l2", default="50,100,200,400,800,1600", help="EASE grid: lambda values"
+    )
     parser.add_argument(
         "--tuning-max-users",
         type=int,

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -44,7 +46,7 @@ from retrieval.atomic import (
 )
 from retrieval.bundle import save_bundle
 from retrieval.data.dataset import Dataset, load_dataset
-from retrieval.data.split import TRAIN
+from retrieval.data.split import SPLIT_NAMES
 from retrieval.encoders import EncodedInteractions, FeatureEncoder
 from retrieval.evaluation import (
     EvalQueries,
@@ -52,11 +54,10 @@ from retrieval.evaluation import (
     embed_in_batches,
     encode_users_in_encoder_order,
     evaluate_embeddings,
-    evaluate_popularity,
     history_feature_name,
-    item_train_counts,
 )
-from retrieval.features import DatasetSchema, FeatureKind
+from retrieval.evaluation.baselines import BaselineGrids, evaluate_baselines
+from retrieval.features import SPLIT, DatasetSchema, FeatureKind
 from retrieval.loss import RetrievalTask
 from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
 from training import distributed as dist_utils
@@ -64,7 +65,7 @@ from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: phases (select, refit)
 Batch = dict[str, torch.Tensor]
 
 
@@ -113,9 +114,17 @@ def apply_feature_overrides(schema: DatasetSchema, config: TrainConfig) -> Datas
 def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelConfig:
     section = config.model
 
+    history_lengths = [
+        spec.max_length
+        for spec in encoder.schema.query_features
+        if spec.kind == FeatureKind.HISTORY and spec.max_length
+    ]
+    positional = section.history_pooling == "position" and bool(history_lengths)
+
     def tower(side: str) -> TowerConfig:
         features = encoder.feature_inputs(side)  # type: ignore[arg-type]
         input_dim = sum(f.output_dim for f in features)
+        pooled = positional and side == "query"
         return TowerConfig(
             features=features,
             arrangement=section.arrangement,  # type: ignore[arg-type]
@@ -128,6 +137,8 @@ def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelCon
             output_dim=section.output_dim,
             dropout=section.dropout,
             layer_norm=section.layer_norm,
+            history_pooling="position" if pooled else "mean",  # type: ignore[arg-type]
+            history_max_length=max(history_lengths) if pooled else 0,
         )
 
     return ModelConfig(query=tower("query"), item=tower("item"), seed=config.seed)
@@ -138,35 +149,55 @@ class PreparedData:
     """Everything the loop gathers batches from, encoded once."""
 
     dataset: Dataset
-    encoder: FeatureEncoder
+    encoder: FeatureEncoder  # fitted on the `fit_splits` events
+    fit_splits: tuple[str, ...]  # the splits trained on: ("train",) or ("train", "valid")
     user_features: Batch  # query features per user row (no history)
     item_features: Batch  # item features per item row
     interactions: EncodedInteractions
-    train_rows: np.ndarray  # indices into `interactions` of train events
+    train_rows: np.ndarray  # indices into `interactions` of the events trained on
     history_name: str | None
-    item_counts: torch.Tensor  # (num_items,) train counts
+    item_counts: torch.Tensor  # (num_items,) counts over the events trained on (logQ)
 
 
-def prepare_data(data_dir: str | Path, config: TrainConfig) -> PreparedData:
-    dataset = load_dataset(data_dir)
+def prepare_data(
+    data_dir: str | Path | Dataset, config: TrainConfig, fit_splits: tuple[str, ...] = ("train",)
+) -> PreparedData:
+    """Load (or take) the dataset and encode it for training on `fit_splits`.
+
+    With ``fit_splits=("train", "valid")`` (the refit before the test evaluation) the
+    encoder's vocabularies and statistics are fitted on train + valid, exactly as on train
+    alone otherwise: the valid events are then training events in every respect.
+    """
+    if fit_splits not in (("train",), ("train", "valid")):
+        raise ValueError(f"`fit_splits` must be ('train',) or ('train', 'valid'); got {fit_splits}")
+    dataset = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
     schema = apply_feature_overrides(dataset.schema, config)
     dataset = Dataset(schema, path=dataset.path)
-    encoder = FeatureEncoder.fit(schema, dataset.users, dataset.items, dataset.interactions)
+    fit_interactions = dataset.interactions
+    if fit_splits != ("train",):  # the encoder fits on rows labelled train
+        split = fit_interactions[SPLIT]
+        relabelled = pc.if_else(pc.is_in(split, value_set=pa.array(fit_splits)), "train", split)
+        index = fit_interactions.schema.get_field_index(SPLIT)
+        fit_interactions = fit_interactions.set_column(index, SPLIT, relabelled)
+    encoder = FeatureEncoder.fit(schema, dataset.users, dataset.items, fit_interactions)
     user_features = encode_users_in_encoder_order(encoder, dataset)
     item_features = encoder.encode_items(dataset.items)
     interactions = encoder.encode_interactions(dataset.interactions)
-    train_rows = np.flatnonzero(interactions.split == TRAIN)
+    codes = [SPLIT_NAMES.index(name) for name in fit_splits]
+    train_rows = np.flatnonzero(np.isin(interactions.split, codes))
     if len(train_rows) == 0:
-        raise ValueError(f"{data_dir}: the train split is empty")
+        raise ValueError(f"{dataset.path}: the {'+'.join(fit_splits)} split is empty")
+    counts = np.bincount(interactions.item_row[train_rows], minlength=encoder.num_items)
     return PreparedData(
         dataset=dataset,
         encoder=encoder,
+        fit_splits=fit_splits,
         user_features=user_features,
         item_features=item_features,
         interactions=interactions,
         train_rows=train_rows,
         history_name=history_feature_name(encoder),
-        item_counts=item_train_counts(encoder, dataset),
+        item_counts=torch.from_numpy(counts.astype(np.int64)),
     )
 
 
@@ -291,6 +322,18 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
+def read_checkpoint_state(directory: Path) -> dict[str, Any]:
+    """The training state of a checkpoint (phase, epoch, step, history...), version checked."""
+    state = json.loads((directory / "state.json").read_text())
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: unsupported checkpoint format {state.get('format_version')!r}"
+        )
+    state.pop("optimizers", None)
+    state.pop("format_version", None)
+    return state
+
+
 def load_checkpoint(
     directory: Path,
     model: TwoTowerModel,
@@ -338,70 +381,10 @@ def evaluate(
     return metrics
 
 
-def train(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    config: TrainConfig,
-    *,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    max_steps: int = 0,
-    progress: bool = True,
-) -> TrainResult:
-    """Train a two-tower model and write its bundle to `out_dir` (rank 0 under DDP).
-
-    Args:
-        data_dir: dataset directory (see `retrieval.features`).
-        out_dir: bundle directory to create.
-        config: the resolved training configuration.
-        checkpoint_dir: where checkpoints go (default: `<out_dir>.ckpt`); removed on success.
-        resume: continue from the checkpoint when one exists.
-        overwrite: replace an existing bundle at `out_dir`.
-        max_steps: stop after this many optimizer steps in total (0 = no limit; tests).
-        progress: show a progress bar.
-    """
-    start = time.perf_counter()
-    out = Path(out_dir)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    world, rank = dist_utils.world_size(), dist_utils.rank()
-    if rank == 0:  # leftovers of a run killed while it wrote its bundle or a checkpoint
-        for path in (out, ckpt):
-            if recover_interrupted_replace(path):
-                logger.info("restored %s, moved aside by an interrupted run", path)
-            for stale in remove_stale_temporaries(path.parent, path.name):
-                logger.info("removed leftover of an interrupted run: %s", stale)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    logger.info("resolved config: %s", json.dumps(config.to_dict(), default=str))
-
-    with stage("prepare data"):
-        data = prepare_data(data_dir, config)
-        logger.info(
-            "users %d, items %d, train events %d, history %s",
-            data.encoder.num_users,
-            data.encoder.num_items,
-            len(data.train_rows),
-            data.history_name,
-        )
-    with stage("validation queries"):
-        valid_queries = build_eval_queries(
-            data.encoder,
-            data.dataset,
-            "valid",
-            max_users=config.eval.max_users,
-            seed=config.seed,
-            user_features=data.user_features,
-        )
-
-    model_config = build_model_config(data.encoder, config)
-    model = TwoTowerModel(model_config)
-    if config.sparse_embeddings:
-        enable_sparse_embeddings(model)
+def build_task(data: PreparedData, config: TrainConfig) -> RetrievalTask:
+    """The retrieval loss of `config.loss`, with logQ from the counts of the events trained on."""
     loss_cfg = config.loss
-    task = RetrievalTask(
+    return RetrievalTask(
         temperature=loss_cfg.temperature,
         learn_temperature=loss_cfg.learn_temperature,
         logq_correction=loss_cfg.logq_correction,
@@ -409,50 +392,71 @@ def train(
         mask_accidental_hits=loss_cfg.mask_accidental_hits,
         num_extra_negatives=loss_cfg.num_extra_negatives,
         num_items=data.encoder.num_items,
+        full_catalog=loss_cfg.full_catalog,
     )
+
+
+@dataclass
+class Phase:
+    """One training pass: the selection on train (validated every epoch), or the refit on
+    train + valid for the selected number of epochs (no validation: valid is trained on)."""
+
+    name: str  # "select" | "refit"
+    data: PreparedData
+    epochs: int  # epochs to run
+    schedule_epochs: int  # epochs the learning-rate schedule spans (config.epochs)
+    valid_queries: EvalQueries | None  # None: no validation, keep the last weights
+
+
+def run_phase(
+    phase: Phase,
+    config: TrainConfig,
+    state: dict[str, Any],
+    ckpt: Path,
+    *,
+    resume_weights: tuple[Path, bool],
+    max_steps: int,
+    progress: bool,
+) -> tuple[TwoTowerModel, RetrievalTask, bool]:
+    """Run the epochs of `phase` from `state` (updated in place); returns the model with its
+    kept weights (the best validated ones, or the last), its task, and whether `max_steps`
+    stopped it. A checkpoint is written after every epoch (rank 0)."""
+    data = phase.data
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    model = TwoTowerModel(build_model_config(data.encoder, config))
+    if config.sparse_embeddings:
+        enable_sparse_embeddings(model)
+    task = build_task(data, config)
     ddp_model: torch.nn.Module = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     optimizers = build_optimizers(model, task, config)
+    best_state: dict[str, torch.Tensor] | None = None
+    resume_from, resume = resume_weights
+    if resume:
+        _, best_state = load_checkpoint(resume_from, model, task, optimizers)
 
     per_rank = len(data.train_rows) // world
     steps_per_epoch = max(1, per_rank // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = steps_per_epoch * phase.schedule_epochs
     ks = tuple(sorted(set(config.eval.ks)))
     metric_name = config.eval.metric
-    if (
-        metric_name.split("@")[0] not in ("recall", "ndcg", "hit_rate")
-        or int(metric_name.split("@")[1]) not in ks
-    ):
-        raise ValueError(
-            f"`eval.metric` must be recall/ndcg/hit_rate@K with K in eval.ks {ks}; got {metric_name!r}"
-        )
-
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "best_metric": -1.0,
-        "best_epoch": -1,
-        "epochs_without_improvement": 0,
-        "history": [],
-    }
-    best_state: dict[str, torch.Tensor] | None = None
-    if resume and (ckpt / "state.json").exists():
-        state, best_state = load_checkpoint(ckpt, model, task, optimizers)
-        state.pop("optimizers", None)
-        state.pop("format_version", None)
-        logger.info("resumed from %s at epoch %d step %d", ckpt, state["epoch"], state["step"])
+    step0 = state["phase_start_step"]  # global steps taken before this phase
 
     model.train()
-    stop = stopped_by_max_steps = False
-    while state["epoch"] < config.epochs and not stop:
+    stopped_by_max_steps = False
+    # A run resumed after its early stop has nothing left to train in this phase.
+    stop = phase.valid_queries is not None and (
+        state["epochs_without_improvement"] >= config.eval.patience
+    )
+    while state["epoch"] < phase.epochs and not stop:
         epoch = state["epoch"]
         order = np.random.default_rng([config.seed, epoch]).permutation(data.train_rows)
         order = order[rank::world][: steps_per_epoch * config.batch_size]
-        first = state["step"] - epoch * steps_per_epoch
+        first = state["step"] - step0 - epoch * steps_per_epoch
         bar = tqdm(
             range(first, steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
+            desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
             disable=not progress or rank != 0,
             leave=False,
             file=sys.stderr,
@@ -460,32 +464,40 @@ def train(
         epoch_loss, seen, epoch_start = 0.0, 0, time.perf_counter()
         for local_step in bar:
             step = state["step"]
+            phase_step = step - step0
             torch.manual_seed(config.seed * 1_000_003 + step)
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(step, total_steps, config)
+                    group["lr"] = config.lr * lr_factor(phase_step, total_steps, config)
             rows = order[local_step * config.batch_size : (local_step + 1) * config.batch_size]
             query, item, item_ids = gather_batch(data, rows)
-            query_emb, item_emb = ddp_model(query, item)
-            offset = 0
-            if world > 1:
-                item_emb = dist_utils.gather_with_grad(item_emb)
-                item_ids = dist_utils.gather_with_grad(item_ids)
-                offset = rank * len(rows)
             extra: dict[str, Any] = {}
-            if task.num_extra_negatives:
-                extra_ids = task.sample_extra_negative_ids()
-                extra_batch = {n: t[extra_ids] for n, t in data.item_features.items()}
-                extra = {
-                    "extra_item_emb": model.embed_items(extra_batch),
-                    "extra_item_ids": extra_ids,
-                }
-            loss = task.loss(query_emb, item_emb, item_ids, positive_offset=offset, **extra)
-            state["candidates_per_step"] = int(item_emb.shape[0]) + task.num_extra_negatives
+            if task.full_catalog:
+                # Exact softmax over the whole catalog: every item is a candidate.
+                query_emb, item_emb = ddp_model(query, data.item_features)  # (B, D), (N, D)
+                loss = task.catalog_loss(query_emb, item_emb, item_ids)
+                state["candidates_per_step"] = int(item_emb.shape[0])
+            else:
+                query_emb, item_emb = ddp_model(query, item)
+                offset = 0
+                if world > 1:
+                    item_emb = dist_utils.gather_with_grad(item_emb)
+                    item_ids = dist_utils.gather_with_grad(item_ids)
+                    offset = rank * len(rows)
+                if task.num_extra_negatives:
+                    extra_ids = task.sample_extra_negative_ids()
+                    extra_batch = {n: t[extra_ids] for n, t in data.item_features.items()}
+                    extra = {
+                        "extra_item_emb": model.embed_items(extra_batch),
+                        "extra_item_ids": extra_ids,
+                    }
+                loss = task.loss(query_emb, item_emb, item_ids, positive_offset=offset, **extra)
+                state["candidates_per_step"] = int(item_emb.shape[0]) + task.num_extra_negatives
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}; "
-                    f"the last good checkpoint is kept at {ckpt}. Lower `lr` or raise `temperature`."
+                    f"non-finite loss {loss.item()} in {phase.name} epoch {epoch + 1} step "
+                    f"{step}; the last good checkpoint is kept at {ckpt}. Lower `lr` or "
+                    "raise `temperature`."
                 )
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
@@ -507,7 +519,7 @@ def train(
                 break
         bar.close()
         epoch_seconds = time.perf_counter() - epoch_start
-        if stop and state["step"] < (epoch + 1) * steps_per_epoch:
+        if stop and state["step"] - step0 < (epoch + 1) * steps_per_epoch:
             # Interrupted mid-epoch by max_steps: keep the position for an exact resume.
             if rank == 0:
                 save_checkpoint(ckpt, model, task, optimizers, state, best_state)
@@ -518,8 +530,12 @@ def train(
             "train_loss": epoch_loss / max(1, seen),
             "examples_per_second": seen * world / max(1e-9, epoch_seconds),
         }
-        if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.epochs:
-            metrics = evaluate(model, data, valid_queries, ks)
+        validate = phase.valid_queries is not None and (
+            (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == phase.epochs
+        )
+        if validate:
+            assert phase.valid_queries is not None
+            metrics = evaluate(model, data, phase.valid_queries, ks)
             record.update({f"valid_{k}": v for k, v in metrics.items()})
             value = float(metrics[metric_name])
             if value > state["best_metric"]:
@@ -537,7 +553,8 @@ def train(
         state["history"].append(record)
         if rank == 0:
             logger.info(
-                "epoch %d: loss %.4f, %.0f ex/s, valid %s %s",
+                "%s epoch %d: loss %.4f, %.0f ex/s, valid %s %s",
+                phase.name,
                 epoch + 1,
                 record["train_loss"],
                 record["examples_per_second"],
@@ -545,32 +562,185 @@ def train(
                 f"{record.get('valid_' + metric_name, float('nan')):.4f}",
             )
             save_checkpoint(ckpt, model, task, optimizers, state, best_state)
-
     if best_state is not None:
         model.load_state_dict(best_state)
-    result_metrics: dict[str, Any] = {
-        "best_epoch": state["best_epoch"],
-        f"best_valid_{metric_name}": state["best_metric"],
-        "history": state["history"],
-        "steps": state["step"],
-        "candidates_per_step": state.get("candidates_per_step", 0),
-        "world_size": world,
+    return model, task, stopped_by_max_steps
+
+
+def _fresh_state(phase: str, step: int) -> dict[str, Any]:
+    return {
+        "phase": phase,
+        "phase_start_step": step,
+        "epoch": 0,
+        "step": step,
+        "best_metric": -1.0,
+        "best_epoch": -1,
+        "epochs_without_improvement": 0,
+        "history": [],
     }
-    if rank == 0:
-        with stage("test evaluation"):
-            test_queries = build_eval_queries(
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    max_steps: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a two-tower model and write its bundle to `out_dir` (rank 0 under DDP).
+
+    Two phases, the protocol every baseline follows too (`retrieval.evaluation.baselines`):
+
+    1. **select**: train on the train split, validating every `eval.every_epochs` epochs;
+       the best epoch by `eval.metric` on valid (with early stopping) is kept.
+    2. **refit** (``config.refit``, the default): fit the encoder and train a fresh model on
+       train + valid for the selected number of epochs, with the same seed and learning-rate
+       schedule. The test split's context is train + valid, so the refit has seen every
+       interaction a test query is built from. Without it, the selected weights are tested.
+
+    The test table then holds the model next to the baselines in `eval.baselines`, all on the
+    same queries, exclusions and held-out sets.
+
+    Args:
+        data_dir: dataset directory (see `retrieval.features`).
+        out_dir: bundle directory to create.
+        config: the resolved training configuration.
+        checkpoint_dir: where checkpoints go (default: `<out_dir>.ckpt`); removed on success.
+        resume: continue from the checkpoint when one exists.
+        overwrite: replace an existing bundle at `out_dir`.
+        max_steps: stop after this many optimizer steps in total, both phases counted; a run
+            stopped during selection skips the refit (0 = no limit; tests).
+        progress: show a progress bar.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    if rank == 0:  # leftovers of a run killed while it wrote its bundle or a checkpoint
+        for path in (out, ckpt):
+            if recover_interrupted_replace(path):
+                logger.info("restored %s, moved aside by an interrupted run", path)
+            for stale in remove_stale_temporaries(path.parent, path.name):
+                logger.info("removed leftover of an interrupted run: %s", stale)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    logger.info("resolved config: %s", json.dumps(config.to_dict(), default=str))
+    ks = tuple(sorted(set(config.eval.ks)))
+    metric_name = config.eval.metric
+    if (
+        metric_name.split("@")[0] not in ("recall", "ndcg", "hit_rate")
+        or int(metric_name.split("@")[1]) not in ks
+    ):
+        raise ValueError(
+            f"`eval.metric` must be recall/ndcg/hit_rate@K with K in eval.ks {ks}; got {metric_name!r}"
+        )
+
+    with stage("prepare data"):
+        data = prepare_data(data_dir, config)
+        logger.info(
+            "users %d, items %d, train events %d, history %s",
+            data.encoder.num_users,
+            data.encoder.num_items,
+            len(data.train_rows),
+            data.history_name,
+        )
+    loaded: dict[str, Any] | None = None
+    if resume and (ckpt / "state.json").exists():
+        loaded = read_checkpoint_state(ckpt)
+        logger.info(
+            "resuming from %s: %s phase, epoch %d, step %d",
+            ckpt,
+            loaded["phase"],
+            loaded["epoch"],
+            loaded["step"],
+        )
+
+    # Phase 1: select the epoch count on valid.
+    if loaded is not None and loaded["phase"] == "refit":
+        selection = loaded["selection"]
+        model = task = None
+        stopped = False
+    else:
+        with stage("validation queries"):
+            valid_queries = build_eval_queries(
                 data.encoder,
                 data.dataset,
-                "test",
+                "valid",
                 max_users=config.eval.max_users,
                 seed=config.seed,
                 user_features=data.user_features,
             )
-            test_ks = tuple(sorted(set(ks) | {10, 20, 50, 100}))
-            result_metrics["test"] = evaluate(model, data, test_queries, test_ks)
-            result_metrics["test_popularity"] = evaluate_popularity(
-                test_queries, data.item_counts, test_ks
+        state = loaded if loaded is not None else _fresh_state("select", 0)
+        phase = Phase("select", data, config.epochs, config.epochs, valid_queries)
+        with stage("train (select on valid)"):
+            model, task, stopped = run_phase(
+                phase,
+                config,
+                state,
+                ckpt,
+                resume_weights=(ckpt, loaded is not None),
+                max_steps=max_steps,
+                progress=progress,
             )
+        selection = {
+            "best_epoch": state["best_epoch"],
+            "best_metric": state["best_metric"],
+            "history": state["history"],
+            "steps": state["step"],
+            "candidates_per_step": state.get("candidates_per_step", 0),
+        }
+        loaded = None
+
+    # Phase 2: refit on train + valid for the selected number of epochs.
+    final_data = data
+    refit: dict[str, Any] = {"done": False}
+    steps = selection["steps"]
+    if config.refit and not stopped and selection["best_epoch"] >= 1:
+        with stage("prepare data (train + valid)"):
+            refit_data = prepare_data(data.dataset, config, ("train", "valid"))
+        state = loaded if loaded is not None else _fresh_state("refit", selection["steps"])
+        state["selection"] = selection
+        phase = Phase("refit", refit_data, selection["best_epoch"], config.epochs, None)
+        with stage(f"refit on train + valid ({selection['best_epoch']} epochs)"):
+            model, task, stopped = run_phase(
+                phase,
+                config,
+                state,
+                ckpt,
+                resume_weights=(ckpt, loaded is not None),
+                max_steps=max_steps,
+                progress=progress,
+            )
+        steps = state["step"]
+        final_data = refit_data
+        refit = {
+            "done": not stopped,
+            "epochs": selection["best_epoch"],
+            "train_events": len(refit_data.train_rows),
+            "history": state["history"],
+        }
+    elif config.refit:
+        refit["skipped"] = "stopped by max_steps" if stopped else "no validated epoch"
+    assert model is not None and task is not None
+
+    result_metrics: dict[str, Any] = {
+        "best_epoch": selection["best_epoch"],
+        f"best_valid_{metric_name}": selection["best_metric"],
+        "history": selection["history"],
+        "refit": refit,
+        "steps": steps,
+        "candidates_per_step": selection["candidates_per_step"],
+        "world_size": world,
+    }
+    if rank == 0:
+        with stage("test evaluation"):
+            result_metrics.update(test_table(model, final_data, config))
         result_metrics["train_seconds"] = time.perf_counter() - start
         with stage("write bundle"):
             train_config = {
@@ -581,23 +751,64 @@ def train(
             save_bundle(
                 out,
                 model,
-                data.encoder,
+                final_data.encoder,
                 train_config=train_config,
                 metrics=result_metrics,
                 overwrite=overwrite,
             )
-        if not stopped_by_max_steps:
+        if not stopped:
             shutil.rmtree(ckpt, ignore_errors=True)
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(bundle_dir=out, metrics=result_metrics, seconds=time.perf_counter() - start)
 
 
+def test_table(model: TwoTowerModel, data: PreparedData, config: TrainConfig) -> dict[str, Any]:
+    """Test metrics of the model and of `config.eval.baselines` on the same test queries
+    (``{"test": ..., "test_baselines": {name: ...}}``)."""
+    test_queries = build_eval_queries(
+        data.encoder,
+        data.dataset,
+        "test",
+        max_users=config.eval.max_users,
+        seed=config.seed,
+        user_features=data.user_features,
+    )
+    test_ks = tuple(sorted(set(config.eval.ks) | {10, 20, 50, 100}))
+    metrics = evaluate(model, data, test_queries, test_ks)
+    metrics["trained_on"] = "+".join(data.fit_splits)
+    out: dict[str, Any] = {"test": metrics}
+    if config.eval.baselines:
+        valid_queries = build_eval_queries(
+            data.encoder,
+            data.dataset,
+            "valid",
+            max_users=config.eval.max_users,
+            seed=config.seed,
+            user_features=data.user_features,
+        )
+        out["test_baselines"] = evaluate_baselines(
+            config.eval.baselines,
+            data.encoder,
+            data.dataset,
+            test_queries,
+            test_ks,
+            valid_queries=valid_queries,
+            grids=BaselineGrids(),
+            seed=config.seed,
+        )
+    return out
+
+
 def format_recall_table(metrics: dict[str, Any], ks: tuple[int, ...] = (10, 20, 50, 100)) -> str:
-    """Test recall of the model next to popularity, as a small text table."""
+    """Test recall of the model next to the baselines, as a small text table."""
+    rows: list[tuple[str, dict[str, Any]]] = [("model", metrics.get("test", {}))]
+    rows += list(metrics.get("test_baselines", {}).items())
     lines = [f"{'':<12}" + "".join(f"{'recall@' + str(k):>12}" for k in ks)]
-    for label, key in (("model", "test"), ("popularity", "test_popularity")):
-        row = metrics.get(key, {})
+    for label, row in rows:
+        if "skipped" in row:
+            lines.append(f"{label:<12}skipped: {row['skipped']}")
+            continue
         lines.append(
             f"{label:<12}" + "".join(f"{row.get(f'recall@{k}', float('nan')):>12.4f}" for k in ks)
         )

@@ -76,6 +76,7 @@ from retrieval.features import (
 logger = logging.getLogger(__name__)
 
 RATING = "rating"
+COLD_STATS_KEY = "cold"  # schema stats of a cold-start dataset (`retrieval.data.cold`)
 DATASET_FILES = (USERS_FILE, ITEMS_FILE, INTERACTIONS_FILE, SCHEMA_FILE)
 _EXAMPLES = 3  # offending values quoted in an error message
 
@@ -317,7 +318,9 @@ def validate_dataset(dataset: Dataset | str | Path) -> None:
     column the schema names exists with a type its kind can encode; ids are non-null,
     non-empty strings; user and item ids unique; interactions reference known users and
     items; split values valid and the train split non-empty; each user's rows contiguous,
-    in time order, and split by the protocol of `retrieval.data.split`.
+    in time order, and split by the protocol of `retrieval.data.split`. A cold-start
+    dataset (schema stats ``cold``, see `retrieval.data.cold`) is checked for cold ids in
+    train or valid instead of the per-user 80/10/10 protocol.
 
     Args:
         dataset: a `Dataset`, or the path of a dataset directory.
@@ -360,7 +363,10 @@ def validate_dataset(dataset: Dataset | str | Path) -> None:
             raise DatasetError(f"{interactions_file}: {nulls} null values in column {column!r}")
     _check_references(interactions_file, events.column(USER_ID), users.column(USER_ID), "user")
     _check_references(interactions_file, events.column(ITEM_ID), items.column(ITEM_ID), "item")
-    _check_splits(interactions_file, events)
+    cold = dataset.schema.stats.get(COLD_STATS_KEY)
+    _check_splits(interactions_file, events, protocol_rows=cold is None)
+    if cold is not None:
+        _check_cold(interactions_file, events, cold)
 
 
 class _Where:
@@ -473,7 +479,25 @@ def _check_references(file: str, ids: pa.ChunkedArray, known: pa.ChunkedArray, e
         )
 
 
-def _check_splits(file: str, events: pa.Table) -> None:
+def _check_cold(file: str, events: pa.Table, cold: Any) -> None:
+    """A cold-start dataset (`retrieval.data.cold`): no cold id in the train or valid split."""
+    if not isinstance(cold, dict) or cold.get("mode") not in ("items", "users"):
+        raise DatasetError(
+            f"{file}: schema stats `{COLD_STATS_KEY}` must be a mapping with mode 'items' or "
+            f"'users'; got {cold!r}"
+        )
+    column = ITEM_ID if cold["mode"] == "items" else USER_ID
+    ids = pa.array([str(v) for v in cold.get("ids", [])], pa.string())
+    context = events.filter(pc.is_in(events.column(SPLIT), value_set=pa.array(SPLITS[:2])))
+    leaked = context.filter(pc.is_in(context.column(column), value_set=ids))
+    if leaked.num_rows:
+        raise DatasetError(
+            f"{file}: {leaked.num_rows} train/valid rows hold cold {cold['mode']} "
+            f"(e.g. {_quote(leaked.column(column))}); a cold id may only appear in test"
+        )
+
+
+def _check_splits(file: str, events: pa.Table, *, protocol_rows: bool = True) -> None:
     split_codes = pc.index_in(events.column(SPLIT), value_set=pa.array(SPLITS))
     if split_codes.null_count:
         bad = pc.unique(events.column(SPLIT).filter(pc.is_null(split_codes)))
@@ -501,6 +525,8 @@ def _check_splits(file: str, events: pa.Table) -> None:
             f"{file}: rows of a user must be in timestamp order; row {row} "
             f"(user {events.column(USER_ID)[row].as_py()!r}) goes back in time"
         )
+    if not protocol_rows:  # a cold-start dataset moved rows out of the 80/10/10 protocol
+        return
     expected = split_codes_for_sorted(user_index)
     wrong = np.flatnonzero(expected != codes)
     if len(wrong):

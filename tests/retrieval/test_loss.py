@@ -287,3 +287,25 @@ def test_estimator_is_updated_by_training_loss_only() -> None:
     )
     # The estimator's buffers travel with the task's state.
     assert "frequency_estimator.interval" in task.state_dict()
+
+
+def test_catalog_loss_is_the_exact_softmax_over_every_item() -> None:
+    task = RetrievalTask(temperature=0.5, logq_correction=False, full_catalog=True)
+    gen = torch.Generator().manual_seed(0)
+    queries, catalog = torch.randn(3, 4, generator=gen), torch.randn(7, 4, generator=gen)
+    positives = torch.tensor([6, 0, 6])
+    # Reference: -log(exp(s_ip / tau) / sum_j exp(s_ij / tau)), averaged over the rows.
+    scores = queries @ catalog.T / 0.5
+    expected = -(scores[torch.arange(3), positives] - torch.logsumexp(scores, dim=1)).mean()
+    torch.testing.assert_close(task.catalog_loss(queries, catalog, positives), expected)
+    with pytest.raises(ValueError, match=r"`item_ids` must be item rows in \[0, 7\)"):
+        task.catalog_loss(queries, catalog, torch.tensor([0, 1, 7]))
+    with pytest.raises(ValueError, match=r"`item_ids` must have shape \(3,\)"):
+        task.catalog_loss(queries, catalog, torch.tensor([0, 1]))
+
+
+def test_full_catalog_refuses_sampling_corrections() -> None:
+    with pytest.raises(ValueError, match="`full_catalog=True` scores every item"):
+        RetrievalTask(full_catalog=True, item_frequencies=torch.ones(4))
+    with pytest.raises(ValueError, match="`num_extra_negatives=0`"):
+        RetrievalTask(full_catalog=True, logq_correction=False, num_extra_negatives=2, num_items=4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.metrics import (
+from retrieval.evaluation.metrics import (
     ItemSets,
     evaluate_retrieval,
     exact_top_k,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -319,6 +320,8 @@ def test_tower_config_defaults() -> None:
         ({"output_dim": 0}, "`output_dim` must be an integer >= 1; got 0"),
         ({"dropout": 1.5}, r"`dropout` must be in \[0, 1\); got 1.5"),
         ({"features": ()}, "`features` must be a non-empty tuple"),
+        ({"history_pooling": "max"}, "`history_pooling` must be one of"),
+        ({"history_pooling": "position"}, "`history_max_length` must be an integer >= 1; got 0"),
     ],
 )
 def test_tower_config_refuses_bad_values(changes: dict, message: str) -> None:
@@ -404,3 +407,46 @@ def test_random_batch_layouts() -> None:
     assert batch["price"].shape == (5, 2) and batch["price"].dtype == torch.float32
     assert int(batch["item_id"].min()) >= 1 and int(batch["item_id"].max()) < 12
     FeatureEmbedding(ITEM_FEATURES).check_batch(batch)
+
+
+# ----------------------------------------------------------------------------- history pooling
+
+
+def test_position_pooling_starts_as_the_mean_and_weights_recent_items_when_trained() -> None:
+    item_table = nn.Embedding(12, 4, padding_idx=0)
+    shared = {"item_id": item_table}
+    mean = FeatureEmbedding(QUERY_FEATURES[2:], shared)
+    position = FeatureEmbedding(QUERY_FEATURES[2:], shared, "position", history_max_length=5)
+    history = torch.tensor([[3, 4, 5, 0, 0], [7, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    batch = {"history": history}
+    # a = 0 everywhere: w_t = 1 on non-PAD positions, i.e. exactly the mean.
+    torch.testing.assert_close(position(batch), mean(batch))
+    # a = (log 3, 0, 0, ...): row 0 = (3 e_3 + e_4 + e_5) / 5; an all-PAD row stays zero.
+    with torch.no_grad():
+        position.position_logits["history"][0] = torch.log(torch.tensor(3.0))
+    weights = item_table.weight.detach()
+    expected = (3 * weights[3] + weights[4] + weights[5]) / 5
+    out = position(batch)
+    torch.testing.assert_close(out[0], expected)
+    torch.testing.assert_close(out[1], weights[7])
+    assert torch.equal(out[2], torch.zeros(4))
+    # Gradients reach the position weights.
+    position(batch).sum().backward()
+    assert position.position_logits["history"].grad is not None
+    with pytest.raises(ValueError, match="holds 6 items; position pooling was built for at most 5"):
+        position({"history": torch.ones(1, 6, dtype=torch.long)})
+
+
+def test_position_pooled_tower_exports_and_round_trips() -> None:
+    config = small_model_config()
+    query = dataclasses.replace(config.query, history_pooling="position", history_max_length=8)
+    model = TwoTowerModel(ModelConfig(query=query, item=config.item)).eval()
+    rebuilt = ModelConfig.from_dict(json.loads(json.dumps(model.config.to_dict())))
+    assert rebuilt.query.history_pooling == "position" and rebuilt.query.history_max_length == 8
+    with torch.no_grad():
+        model.query_tower.embedding.position_logits["history"].copy_(torch.linspace(1, -1, 8))
+    encoder = export_query_tower(model, mode="trace")
+    for length in (8, 3):  # traced at 8; serves any length up to it
+        batch = random_batch(QUERY_FEATURES, 5, lengths={"history": length})
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(batch), model.embed_queries(batch))

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from retrieval.bundle import load_bundle
 from retrieval.data.dataset import load_dataset
 from retrieval.evaluation import build_eval_queries, embed_in_batches, evaluate_embeddings
-from retrieval.metrics import ranking_metrics
+from retrieval.evaluation.metrics import ranking_metrics
 from service.app import create_app
 from service.settings import ServiceSettings
 

@@ -16,13 +16,12 @@ import torch
 from retrieval.bundle import load_bundle
 from retrieval.cli import main
 from retrieval.data.dataset import load_dataset
+from retrieval.evaluation import baselines
+from retrieval.evaluation.metrics import ItemSets, drop_excluded
 from retrieval.features import ITEM_ID, SPLIT, USER_ID
 from retrieval.index_store import CURRENT_FILE, write_index_version
-from retrieval.metrics import ItemSets
-from training import baselines
 from training.evaluate import (
     ann_ranking,
-    drop_excluded,
     evaluate_bundle,
     format_report,
     resolve_ks,
@@ -44,8 +43,8 @@ def test_cli_prints_table_and_writes_json(
     out = tmp_path / "eval.json"
     args = ["evaluate", "--model", str(tiny_bundle), "--data", str(tiny_dataset)]
     args += ["--k", "5,10,20,1000", "--json", str(out), "--no-progress"]
-    args += ["--baselines", "popularity,als", "--als-factors", "8", "--als-regularization"]
-    args += ["0.1", "--als-alpha", "1,10", "--als-iterations", "5"]
+    args += ["--baselines", "popularity,ease,als", "--als-factors", "8", "--als-regularization"]
+    args += ["0.1", "--als-alpha", "1,10", "--als-iterations", "5", "--ease-l2", "10,100"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -53,8 +52,9 @@ def test_cli_prints_table_and_writes_json(
     assert report["split"] == "test" and report["ks"] == [5, 10, 20]
     assert report["dropped_ks"] == [1000]  # the catalog has 120 items
     assert report["num_items"] == 120 and report["num_users"] > 0
-    assert set(report["results"]) == {"model", "popularity", "als"}
-    for name in ("model", "popularity"):
+    assert set(report["results"]) == {"model", "popularity", "ease", "als"}
+    assert report["results"]["ease"]["params"]["l2"] in (10.0, 100.0)
+    for name in ("model", "popularity", "ease"):
         recalls = [report["results"][name][f"recall@{k}"] for k in (5, 10, 20)]
         assert recalls == sorted(recalls) and recalls[0] >= 0 and recalls[-1] <= 1
         assert {"hit_rate@5", "ndcg@20", "num_users"} <= set(report["results"][name])
@@ -68,6 +68,7 @@ def test_cli_prints_table_and_writes_json(
     # The table: one block per metric, each with the model and the baselines.
     assert "recall@5" in printed and "ndcg@20" in printed and "hit_rate@10" in printed
     assert printed.count("model (exact)") == 3 and printed.count("popularity (train+valid)") == 3
+    assert printed.count("ease (lambda=") == 3
 
 
 def test_exact_metrics_equal_the_trainers_test_evaluation(

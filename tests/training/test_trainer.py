@@ -70,7 +70,7 @@ def test_bundle_records_config_and_metrics(tiny_bundle: Path) -> None:
     loaded = load_bundle(tiny_bundle)
     assert loaded.train_config["batch_size"] == 64
     assert set(loaded.metrics["test"]) >= {"recall@10", "ndcg@10", "hit_rate@10"}
-    assert "recall@10" in loaded.metrics["test_popularity"]
+    assert "recall@10" in loaded.metrics["test_baselines"]["popularity"]
     assert not Path(str(tiny_bundle) + ".ckpt").exists()  # checkpoint removed on success
 
 
@@ -243,3 +243,77 @@ def test_rank_above_the_tower_width_is_clipped(tiny_bundle: Path) -> None:
     config = trainer.build_model_config(encoder, tiny_train_config(model={"rank": 10_000}))
     assert config.query.rank == config.query.input_dim
     assert config.item.rank == config.item.input_dim
+
+
+def test_refit_trains_on_train_plus_valid_for_the_selected_epochs(
+    tiny_bundle: Path, tiny_dataset: Path
+) -> None:
+    loaded = load_bundle(tiny_bundle)
+    metrics = loaded.metrics
+    splits = load_dataset(tiny_dataset).interactions["split"].to_pylist()
+    refit = metrics["refit"]
+    assert refit["done"] and refit["epochs"] == metrics["best_epoch"] >= 1
+    assert refit["train_events"] == splits.count("train") + splits.count("valid")
+    assert len(refit["history"]) == refit["epochs"]
+    assert metrics["test"]["trained_on"] == "train+valid"
+    # The bundle's encoder was fitted on train + valid: its item-id vocabulary holds every
+    # item of those splits (min_count 1), more than the train split alone has.
+    dataset = load_dataset(tiny_dataset)
+    events = dataset.interactions.to_pydict()
+    seen = {i for i, s in zip(events["item_id"], events["split"], strict=True) if s != "test"}
+    codes = loaded.encoder.encode_items(dataset.items)["item_id"]
+    known = {
+        item for item, code in zip(dataset.items["item_id"].to_pylist(), codes.tolist(), strict=True)
+        if code >= 2  # 0 PAD, 1 OOV
+    }  # fmt: skip
+    assert known == seen
+
+
+def test_the_test_table_holds_the_baselines_on_the_same_queries(tiny_bundle: Path) -> None:
+    metrics = load_bundle(tiny_bundle).metrics
+    table = metrics["test_baselines"]
+    assert {"popularity", "ease", "als"} <= set(table)
+    for name in ("popularity", "ease"):
+        assert table[name]["num_users"] == metrics["test"]["num_users"]
+        assert table[name]["context"] == "train+valid"
+    printed = trainer.format_recall_table(metrics)
+    assert all(name in printed for name in ("model", "popularity", "ease", "als"))
+
+
+def test_resume_inside_the_refit_reproduces_the_straight_run(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config = tiny_train_config(eval={"ks": [10], "metric": "recall@10", "baselines": []})
+    straight = train(tiny_dataset, tmp_path / "a", config, progress=False)
+    total = straight.metrics["steps"]
+    assert straight.metrics["refit"]["done"]
+    ckpt = tmp_path / "b.ckpt"
+    cut = train(
+        tiny_dataset, tmp_path / "b", config, checkpoint_dir=ckpt, max_steps=total - 2,
+        progress=False,
+    )  # fmt: skip
+    assert not cut.metrics["refit"]["done"]  # stopped two steps before the refit's end
+    assert json.loads((ckpt / "state.json").read_text())["phase"] == "refit"
+    resumed = train(
+        tiny_dataset, tmp_path / "b", config, checkpoint_dir=ckpt, overwrite=True, progress=False
+    )
+    assert resumed.metrics["steps"] == total and resumed.metrics["refit"]["done"]
+
+    def losses(history: list[dict]) -> list[tuple[float, float | None]]:
+        return [(h["train_loss"], h.get("valid_recall@10")) for h in history]
+
+    assert losses(resumed.metrics["history"]) == losses(straight.metrics["history"])
+    a = load_bundle(tmp_path / "a").model.state_dict()
+    b = load_bundle(tmp_path / "b").model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_without_refit_the_selected_weights_are_tested(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(
+        refit=False, eval={"ks": [10], "metric": "recall@10", "baselines": []}
+    )
+    result = train(tiny_dataset, tmp_path / "m", config, progress=False)
+    assert result.metrics["refit"] == {"done": False}
+    assert result.metrics["test"]["trained_on"] == "train"
+    assert "test_baselines" not in result.metrics

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,10 +22,9 @@ import pyarrow.compute as pc
 import torch
 
 from retrieval.data.dataset import Dataset
-from retrieval.data.split import SPLIT_NAMES
 from retrieval.encoders import FeatureEncoder
+from retrieval.evaluation.metrics import ItemSets, evaluate_retrieval
 from retrieval.features import ITEM_ID, SPLIT, USER_ID, FeatureKind
-from retrieval.metrics import ItemSets, evaluate_retrieval, popularity_top_k, ranking_metrics
 
 Batch = dict[str, torch.Tensor]
 
@@ -164,11 +164,35 @@ def encode_users_in_encoder_order(encoder: FeatureEncoder, dataset: Dataset) -> 
     return slice_batch(encoder.encode_users(users), order)
 
 
-def item_train_counts(encoder: FeatureEncoder, dataset: Dataset) -> torch.Tensor:
-    """`[num_items]` number of train interactions per item row."""
-    train = dataset.interactions.filter(pc.equal(dataset.interactions[SPLIT], SPLIT_NAMES[0]))
-    rows = encoder.item_index(train[ITEM_ID])
+def context_interactions(dataset: Dataset, split: str) -> pa.Table:
+    """The interactions a user has before `split` (train for valid; train + valid for test)."""
+    if split not in CONTEXT_SPLITS:
+        raise ValueError(f"`split` must be one of {sorted(CONTEXT_SPLITS)}; got {split!r}")
+    interactions = dataset.interactions
+    mask = pc.is_in(interactions[SPLIT], value_set=pa.array(CONTEXT_SPLITS[split]))
+    return interactions.filter(mask)
+
+
+def context_item_counts(encoder: FeatureEncoder, dataset: Dataset, split: str) -> torch.Tensor:
+    """`[num_items]` context interactions per item row (the popularity baseline's scores)."""
+    context = context_interactions(dataset, split)
+    rows = encoder.item_index(context[ITEM_ID]) if context.num_rows else np.zeros(0, np.int64)
     return torch.from_numpy(np.bincount(rows, minlength=encoder.num_items).astype(np.int64))
+
+
+def user_item_matrix(encoder: FeatureEncoder, dataset: Dataset, split: str) -> Any:
+    """Sparse `[num_users, num_items]` CSR matrix of context interaction counts (float32)."""
+    from scipy.sparse import csr_matrix
+
+    context = context_interactions(dataset, split)
+    users = encoder.user_index(context[USER_ID]) if context.num_rows else np.zeros(0, np.int64)
+    items = encoder.item_index(context[ITEM_ID]) if context.num_rows else np.zeros(0, np.int64)
+    matrix = csr_matrix(
+        (np.ones(len(users), dtype=np.float32), (users, items)),
+        shape=(encoder.num_users, encoder.num_items),
+    )
+    matrix.sum_duplicates()  # repeated (user, item) events become counts
+    return matrix
 
 
 def evaluate_embeddings(
@@ -184,9 +208,54 @@ def evaluate_embeddings(
     return metrics
 
 
-def evaluate_popularity(
-    queries: EvalQueries, item_counts: torch.Tensor, ks: Sequence[int]
-) -> dict[str, float | int]:
-    """The popularity baseline on the same queries, exclusions and held-out sets."""
-    _, ranking = popularity_top_k(item_counts, len(queries), max(ks), queries.exclude)
-    return ranking_metrics(ranking, queries.held_out, ks)
+def select_queries(queries: EvalQueries, keep: npt.NDArray[np.bool_]) -> EvalQueries:
+    """The queries whose `keep` flag is set (same order), as a new `EvalQueries`."""
+    positions = np.flatnonzero(keep)
+    index = torch.from_numpy(positions)
+
+    def rows(sets: ItemSets) -> ItemSets:
+        return ItemSets.from_lists([sets.row(int(p)) for p in positions])
+
+    return EvalQueries(
+        split=queries.split,
+        user_rows=queries.user_rows[positions],
+        query_batch=slice_batch(queries.query_batch, index),
+        held_out=rows(queries.held_out),
+        exclude=rows(queries.exclude),
+    )
+
+
+def cold_queries(
+    queries: EvalQueries, encoder: FeatureEncoder, cold: Mapping[str, Any]
+) -> EvalQueries:
+    """The cold-start evaluation of a cold dataset (`retrieval.data.cold`) on prepared queries.
+
+    - mode "items": the held-out set of each user keeps only cold items; users left with
+      none are dropped. The ranking still covers the full catalog.
+    - mode "users": only the cold users are kept (no context: no history, no exclusions).
+
+    Raises:
+        ValueError: `cold` is not a cold-start record, or no evaluated user is left.
+    """
+    mode = cold.get("mode")
+    ids = [str(v) for v in cold.get("ids", [])]
+    if mode == "items":
+        cold_rows = torch.from_numpy(np.asarray(encoder.item_index(pa.array(ids)), np.int64))
+        held = [queries.held_out.row(q) for q in range(len(queries))]
+        kept = [row[torch.isin(row, cold_rows)] for row in held]
+        narrowed = EvalQueries(
+            split=queries.split,
+            user_rows=queries.user_rows,
+            query_batch=queries.query_batch,
+            held_out=ItemSets.from_lists(kept),
+            exclude=queries.exclude,
+        )
+        result = select_queries(narrowed, np.array([len(row) > 0 for row in kept], dtype=bool))
+    elif mode == "users":
+        user_rows = np.asarray(encoder.user_index(pa.array(ids)), np.int64)
+        result = select_queries(queries, np.isin(queries.user_rows, user_rows))
+    else:
+        raise ValueError(f"not a cold-start record (mode 'items' or 'users'): {dict(cold)!r}")
+    if len(result) == 0:
+        raise ValueError(f"no {queries.split} user has a cold {mode} interaction to score")
+    return result

@@ -33,6 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "ItemSets",
+    "chunked_ranking_metrics",
+    "drop_excluded",
     "evaluate_retrieval",
     "exact_top_k",
     "hit_rate_at_k",
@@ -40,6 +42,8 @@ __all__ = [
     "popularity_top_k",
     "ranking_metrics",
     "recall_at_k",
+    "slice_item_sets",
+    "top_k_overlap",
 ]
 
 DEFAULT_QUERY_CHUNK_SIZE = 512
@@ -505,3 +509,108 @@ def evaluate_retrieval(
         item_chunk_size=item_chunk_size,
     )
     return ranking_metrics(ranking.cpu(), held_out, ks)
+
+
+def slice_item_sets(sets: ItemSets, start: int, stop: int) -> ItemSets:
+    """Rows `[start, stop)` of an `ItemSets`, as a new `ItemSets`."""
+    offset = sets.indptr[start]
+    return ItemSets(
+        sets.indptr[start : stop + 1] - offset, sets.indices[offset : sets.indptr[stop]]
+    )
+
+
+def chunked_ranking_metrics(
+    ranking: torch.Tensor, held_out: ItemSets, ks: Sequence[int], *, chunk_size: int = 8192
+) -> dict[str, float | int]:
+    """Same result as `retrieval.evaluation.metrics.ranking_metrics` (up to float summation order),
+    computed `chunk_size` queries at a time.
+
+    >>> import torch
+    >>> from retrieval.evaluation.metrics import ranking_metrics
+    >>> ranking = torch.tensor([[3, 1], [0, 2], [2, 0]])
+    >>> held = ItemSets.from_lists([[1, 2], [4], []])
+    >>> chunked_ranking_metrics(ranking, held, [2], chunk_size=1) == ranking_metrics(ranking, held, [2])
+    True
+    """
+    num_queries = ranking.shape[0]
+    totals: dict[str, float] = {}
+    num_users = 0
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        held = slice_item_sets(held_out, start, stop)
+        if not bool((held.sizes() > 0).any()):
+            continue
+        part = ranking_metrics(ranking[start:stop], held, ks)
+        users = int(part["num_users"])
+        num_users += users
+        for key, value in part.items():
+            if "@" in key:
+                totals[key] = totals.get(key, 0.0) + float(value) * users
+    if num_users == 0:
+        raise ValueError("`held_out` has no user with held-out items; nothing to evaluate")
+    result: dict[str, float | int] = {key: total / num_users for key, total in totals.items()}
+    result["num_users"] = num_users
+    result["num_users_skipped"] = num_queries - num_users
+    return result
+
+
+def drop_excluded(candidates: Tensor, exclude: ItemSets, k: int) -> Tensor:
+    """Keep, per row, the first `k` candidates that are not excluded (and not ``-1``).
+
+    Args:
+        candidates: ``[q, m]`` int64 item rows, best first, ``-1`` padded (an ANN answer).
+        exclude: `ItemSets` with q rows.
+        k: columns of the result.
+
+    Returns:
+        ``[q, k]`` int64, ``-1`` padded when fewer than k candidates survive.
+
+    >>> drop_excluded(torch.tensor([[4, 2, 7, -1], [1, 0, 3, 5]]), ItemSets.from_lists([[2], [9]]), 3)
+    tensor([[ 4,  7, -1],
+            [ 1,  0,  3]])
+    """
+    candidates = torch.as_tensor(candidates, dtype=torch.int64)
+    num_rows, width = candidates.shape
+    valid = candidates >= 0  # (q, m)
+    if len(exclude.indices):
+        stride = max(int(candidates.max()), int(exclude.indices.max())) + 1
+        excluded_rows = torch.repeat_interleave(torch.arange(num_rows), exclude.sizes())
+        excluded_keys = excluded_rows * stride + exclude.indices  # (e,)
+        keys = torch.arange(num_rows)[:, None] * stride + candidates  # (q, m)
+        valid &= ~torch.isin(keys, excluded_keys)
+    position = valid.cumsum(dim=1) - 1  # (q, m): slot of each surviving candidate
+    keep = valid & (position < k)
+    out = torch.full((num_rows, k), -1, dtype=torch.int64)
+    rows = torch.arange(num_rows)[:, None].expand(num_rows, width)
+    out[rows[keep], position[keep]] = candidates[keep]
+    return out
+
+
+def top_k_overlap(
+    ranking: Tensor, reference: Tensor, ks: Sequence[int], *, chunk_size: int = 4096
+) -> dict[str, float]:
+    """Mean ``|ranking[:, :K] ∩ reference[:, :K]| / |reference[:, :K]|`` per K: the usual
+    "ANN recall" of an index against exact search (``-1`` padding ignored; queries whose
+    reference row is empty are left out). Works `chunk_size` queries at a time.
+
+    >>> import torch
+    >>> top_k_overlap(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 4]]), [1, 3])
+    {'overlap@1': 1.0, 'overlap@3': 0.6666666666666666}
+    """
+    sums = dict.fromkeys(ks, 0.0)
+    counts = dict.fromkeys(ks, 0)
+    for start in range(0, ranking.shape[0], chunk_size):
+        ours_all = ranking[start : start + chunk_size]
+        ref_all = reference[start : start + chunk_size]
+        rows = torch.arange(len(ours_all))[:, None]  # (q, 1)
+        stride = max(int(ours_all.max()), int(ref_all.max()), 0) + 1
+        for k in ks:
+            ours, ref = ours_all[:, :k], ref_all[:, :k]
+            ref_keys = (rows * stride + ref)[ref >= 0]  # (n,) one key per (query, item)
+            found = torch.isin(rows * stride + ours, ref_keys) & (ours >= 0)  # (q, k)
+            sizes = (ref >= 0).sum(dim=1)  # (q,)
+            has = sizes > 0
+            share = found.sum(dim=1)[has].to(torch.float64) / sizes[has].to(torch.float64)
+            sums[k] += float(share.sum())
+            counts[k] += int(has.sum())
+    return {f"overlap@{k}": sums[k] / counts[k] if counts[k] else 1.0 for k in ks}
