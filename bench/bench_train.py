@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_train.py [--data DIR] [--config configs/ml100k.yaml] [--steps 30]
+    python bench/bench_train.py [--data DIR] [--config configs/default.yaml] [--steps 30]
 
 Prepares ml-100k into a temporary directory when `--data` is not given, then times
 optimizer steps of the real training step (gather, both towers, loss, backward, AdamW)
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path)
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "ml100k.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)

@@ -30,53 +30,28 @@ KS = (10, 20, 50, 100)
 
 # name -> (what it changes, overrides as `section.field` keys on top of the base config)
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("the base config (epochs picked on valid, refit on train + valid)", {}),
-    "no_refit": ("test the weights selected on valid (trained on train only)", {"refit": False}),
-    "mean_pooling": ("history mean-pooled", {"model.history_pooling": "mean"}),
-    "position_pooling": (
-        "history pooled with learned recency weights",
-        {"model.history_pooling": "position"},
+    "default": ("the default model (configs/default.yaml)", {}),
+    # Each lever of the default taken away:
+    "no_refit": ("without the refit: test the weights selected on valid", {"refit": False}),
+    "mean_pooling": (
+        "history mean-pooled instead of position-weighted",
+        {"model.history_pooling": "mean"},
     ),
+    "id_dim_32": ("id embeddings of the schema's 32 instead of 64", {"id_embedding_dim": 0}),
+    "epochs_5": ("at most 5 epochs instead of 10", {"epochs": 5}),
+    # Levers tried on top of the default:
+    "id_dim_128": ("id embeddings of 128", {"id_embedding_dim": 128}),
     "full_catalog": (
         "exact softmax over all 1682 items, no logQ",
         {"loss.full_catalog": True, "loss.logq_correction": False},
     ),
-    "in_batch_logq": (
-        "in-batch softmax with logQ correction",
-        {"loss.full_catalog": False, "loss.logq_correction": True},
-    ),
-    "in_batch_no_logq": (
-        "in-batch softmax without logQ",
-        {"loss.full_catalog": False, "loss.logq_correction": False},
-    ),
-    "mixed_2048": (
-        "in-batch + 2048 uniform negatives, logQ",
-        {
-            "loss.full_catalog": False,
-            "loss.logq_correction": True,
-            "loss.num_extra_negatives": 2048,
-        },
-    ),
-    "id_dim_64": (
-        "user and item id embeddings of 64",
-        {"embedding_dims": {"item_id": 64, "user_id": 64}},
-    ),
-    "id_dim_16": (
-        "user and item id embeddings of 16",
-        {"embedding_dims": {"item_id": 16, "user_id": 16}},
-    ),
-    "no_user_id": (
-        "user id embedding of width 1 (almost no id)",
-        {"embedding_dims": {"user_id": 1}},
-    ),
+    "in_batch_no_logq": ("in-batch softmax without logQ", {"loss.logq_correction": False}),
+    "mixed_2048": ("in-batch + 2048 uniform negatives, logQ", {"loss.num_extra_negatives": 2048}),
     "output_dim_128": ("output dimension 128", {"model.output_dim": 128}),
-    "output_dim_32": ("output dimension 32", {"model.output_dim": 32}),
     "temperature_0.1": ("temperature 0.1", {"loss.temperature": 0.1}),
-    "temperature_0.03": ("temperature 0.03", {"loss.temperature": 0.03}),
-    "epochs_10": ("up to 10 epochs (picked on valid)", {"epochs": 10}),
-    "epochs_3": ("up to 3 epochs", {"epochs": 3}),
     "weight_decay_1e-3": ("AdamW weight decay 1e-3", {"weight_decay": 1e-3}),
     "dropout_0.2": ("dropout 0.2 in the MLPs", {"model.dropout": 0.2}),
+    "history_100": ("a history of 100 items instead of 50", {"history_length": 100}),
 }
 
 

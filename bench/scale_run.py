@@ -114,12 +114,14 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| arrangement | seed | steps | train ex/s | test eval s | train s (all stages) | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| arrangement | seed | epochs run | best epoch | steps | train ex/s | test eval s "
+        "| train s (all stages) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
         lines.append(
-            f"| {run['variant']} | {run['seed']} | {run.get('steps')} "
+            f"| {run['variant']} | {run['seed']} | {run.get('epochs_run')} "
+            f"| {run.get('best_epoch')} | {run.get('steps')} "
             f"| {_number(run.get('examples_per_second'), ',.0f')} "
             f"| {_number(run.get('test_eval_seconds'), '.0f')} "
             f"| {float(run['train_seconds'] or math.nan):.0f} "
@@ -139,6 +141,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "synth.yaml")
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument("--max-steps", type=int, default=0, help="step budget per run (0 = none)")
+    parser.add_argument(
+        "--plateau", action="store_true", help="train each run to its validation plateau"
+    )
+    parser.add_argument(
+        "--match-params", action="store_true", help="size stacked to parallel's dense params"
+    )
+    parser.add_argument(
+        "--arrangements",
+        default=",".join(ARRANGEMENTS),
+        help="run only these (e.g. one per process); the report needs both",
+    )
     parser.add_argument("--work", type=Path, required=True, help="data and runs go here")
     parser.add_argument("--name", default="scale_1m", help="bench/results/NAME.{md,json}")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
@@ -178,14 +191,19 @@ def main() -> None:
         config,
         args.work / "runs",
         seeds=args.seeds,
-        arrangements=ARRANGEMENTS,
+        arrangements=tuple(args.arrangements.split(",")),
         crosses=("lowrank",),
         epochs=args.epochs,
         max_steps=args.max_steps,
+        match_params=args.match_params,
+        plateau=args.plateau,
         progress=False,
     )
     timings["runs"] = time.perf_counter() - stage
     timings["total"] = time.perf_counter() - started
+    if set(args.arrangements.split(",")) != set(ARRANGEMENTS):
+        print(f"runs of {args.arrangements} done; rerun with both arrangements for the report")
+        return
 
     records = [
         json.loads(p.read_text())
@@ -208,9 +226,14 @@ def main() -> None:
     gain_mean, gain_std = mean_std([g["gain"] for g in per_seed])
     means = {row["arrangement"]: row[METRIC]["mean"] for row in rows}
     epochs = args.epochs or config.epochs
-    budget = f"{epochs} epoch(s)" + (
-        f", capped at {args.max_steps} steps" if args.max_steps else ""
-    )
+    budget = (
+        f"up to {epochs} epoch(s), stopped at the validation plateau (patience "
+        f"{config.eval.patience}; best-valid-epoch weights tested)"
+        if args.plateau
+        else f"{epochs} epoch(s)"
+    ) + (f", capped at {args.max_steps} steps" if args.max_steps else "")
+    if args.match_params:
+        budget += "; stacked resized to parallel's dense parameter count (--match-params)"
     result = {
         "setup": {
             "command": " ".join(["python", *sys.argv]),

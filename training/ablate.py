@@ -3,7 +3,7 @@ report test recall, parameters and FLOPs, mean ± std over seeds.
 
 Usage::
 
-    retrieval ablate --data artifacts/demo/data --config configs/ml100k.yaml --seeds 3 \\
+    retrieval ablate --data artifacts/demo/data --config configs/default.yaml --seeds 3 \\
         --out artifacts/ablation
     retrieval ablate --data D --config C --seeds 3 --out R --arrangements parallel,stacked \\
         --cross lowrank,full --epochs 5 --match-params
@@ -111,11 +111,19 @@ def headline_k(num_items: int) -> int:
 
 
 def variant_config(
-    base: Any, variant: Variant, *, seed: int, epochs: int | None, ks: Sequence[int]
+    base: Any,
+    variant: Variant,
+    *,
+    seed: int,
+    epochs: int | None,
+    ks: Sequence[int],
+    plateau: bool = False,
 ) -> Any:
     """The base `TrainConfig` with the variant's shape, the seed, the epoch budget, the
     report's K in `eval.ks`, early stopping off (patience beyond the budget) and popularity
-    as the only baseline of each run's test table (EASE and ALS do not depend on the variant)."""
+    as the only baseline of each run's test table (EASE and ALS do not depend on the variant).
+    With `plateau`, early stopping stays on (the base config's patience): every run trains
+    to its validation plateau, at most `epochs` epochs."""
     epochs = epochs or base.epochs
     return base.with_overrides(
         seed=seed,
@@ -124,7 +132,7 @@ def variant_config(
             "model.arrangement": variant.arrangement,
             "model.cross": variant.cross or base.model.cross,
             "eval.ks": sorted({*base.eval.ks, *ks}),
-            "eval.patience": epochs + 1,
+            "eval.patience": base.eval.patience if plateau else epochs + 1,
             "eval.baselines": ["popularity"],
         },
     )
@@ -357,6 +365,7 @@ def run_ablation(
     keep_models: bool = False,
     progress: bool = True,
     plots: bool = True,
+    plateau: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) every variant x seed, then write the report; returns report.json's dict.
 
@@ -373,6 +382,8 @@ def run_ablation(
         keep_models: keep each run's model bundle (default: deleted once measured).
         progress: training progress bars.
         plots: write the PNG plots.
+        plateau: keep early stopping on: each run trains to its validation plateau (at most
+            the epoch budget) instead of exactly the budget.
     """
     from retrieval.data.dataset import load_dataset
     from retrieval.encoders import FeatureEncoder
@@ -412,7 +423,9 @@ def run_ablation(
         for seed in seed_values:
             done += 1
             run_dir = run_dir_of(out, variant, seed)
-            config = variant_config(base_config, variant, seed=seed, epochs=epochs, ks=ks)
+            config = variant_config(
+                base_config, variant, seed=seed, epochs=epochs, ks=ks, plateau=plateau
+            )
             if (run_dir / RESULT_FILE).exists():
                 logger.info(
                     "[%d/%d] %s seed %d: done already, skipped", done, total, variant.name, seed
@@ -794,6 +807,7 @@ def run_ablate(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         max_steps=args.max_steps,
         match_params=args.match_params,
+        plateau=args.plateau,
         keep_models=args.keep_models,
         progress=not args.no_progress,
     )
@@ -832,6 +846,11 @@ def register_ablate(subparsers: Any) -> None:
         "--match-params",
         action="store_true",
         help="resize each variant to the parallel/lowrank dense parameter count",
+    )
+    parser.add_argument(
+        "--plateau",
+        action="store_true",
+        help="early stopping on: train each run to its validation plateau (at most --epochs)",
     )
     parser.add_argument("--keep-models", action="store_true", help="keep every run's model bundle")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

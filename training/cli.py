@@ -12,13 +12,16 @@ from training.config import ARRANGEMENTS, CROSS_KINDS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ml100k.yaml"
-
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory")
     parser.add_argument("--out", required=True, type=Path, help="model bundle directory to create")
-    parser.add_argument("--config", type=Path, help="YAML training config (configs/*.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML training config (configs/*.yaml); default: the default model "
+        "(the code defaults of training.config.TrainConfig, written out in configs/default.yaml)",
+    )
     parser.add_argument("--epochs", type=int, help="override `epochs`")
     parser.add_argument("--batch-size", type=int, help="override `batch_size`")
     parser.add_argument("--lr", type=float, help="override `lr`")

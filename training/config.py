@@ -1,6 +1,8 @@
 """Training configuration: one frozen object, loaded from YAML, overridable from the CLI.
 
-Named configs live in `configs/` (`ml100k.yaml`, `synth.yaml`). Every field is recorded in
+The code defaults are the default model: what `retrieval train` trains without `--config` and
+what `make demo` trains; `configs/default.yaml` writes them out (a test keeps the two equal).
+Other named configs live in `configs/` (`synth.yaml`, `scale_1m.yaml`). Every field is recorded in
 the model bundle (`train_config.json`), so a bundle says exactly how it was made.
 
 Example:
@@ -10,7 +12,7 @@ Example:
     >>> TrainConfig.from_dict({"epoch": 3})
     Traceback (most recent call last):
     ...
-    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
+    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'id_embedding_dim', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ class ModelSection:
     cross_layers: int = 2  # stacked cross layers L
     rank: int = 32  # low-rank r (lowrank, mix, masked)
     num_experts: int = 4  # experts K (mix)
-    mlp_hidden: tuple[int, ...] = (256, 128, 64)  # the deep branch
+    mlp_hidden: tuple[int, ...] = (256, 128)  # the deep branch
     head_hidden: tuple[int, ...] = (128,)  # head MLP before the output projection
     output_dim: int = 64  # embedding size D (query and item)
     dropout: float = 0.0  # dropout in the MLPs
     layer_norm: bool = False  # LayerNorm in the MLPs
-    history_pooling: str = "mean"  # query history: mean | position (learned recency weights)
+    history_pooling: str = "position"  # query history: mean | position (learned recency weights)
 
     def __post_init__(self) -> None:
         if self.history_pooling not in HISTORY_POOLINGS:
@@ -78,7 +80,7 @@ class EvalSection:
 
     ks: tuple[int, ...] = (10, 20, 50, 100)  # recall@K reported
     metric: str = "recall@50"  # model selection / early stopping metric on valid
-    patience: int = 3  # epochs without improvement before stopping
+    patience: int = 4  # evaluations without improvement before stopping
     every_epochs: int = 1  # validate every N epochs
     max_users: int = 0  # 0 = all users; else a fixed random sample (valid and test; big data)
     baselines: tuple[str, ...] = ("popularity", "ease", "als")  # in the test table
@@ -96,18 +98,19 @@ class TrainConfig:
     """Everything `retrieval train` needs besides the data and output paths."""
 
     seed: int = 0  # seeds torch, numpy and the data order
-    epochs: int = 20  # upper bound; early stopping may end sooner
+    epochs: int = 10  # upper bound; the best epoch on valid is kept (and refitted)
     batch_size: int = 1024  # examples per step (per rank under DDP)
     lr: float = 3e-3  # peak learning rate (AdamW)
     weight_decay: float = 1e-5  # AdamW decoupled weight decay (dense parameters)
     lr_schedule: str = "cosine"  # cosine | constant (after warmup)
-    warmup_steps: int = 100  # linear warmup steps
+    warmup_steps: int = 30  # linear warmup steps
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     grad_clip_norm: float = 1.0  # 0 disables clipping
     sparse_embeddings: bool = False  # sparse gradients + SparseAdam for large id tables
     history_length: int = 0  # 0 = the schema's history max_length; else override
+    id_embedding_dim: int = 64  # width of the user and item id embeddings (0 = the schema's)
     embedding_dims: dict[str, int] = field(default_factory=dict)  # per-feature overrides
-    num_threads: int = 0  # torch intra-op threads; 0 = all cores
+    num_threads: int = 1  # torch intra-op threads; 0 = all cores
     refit: bool = True  # after selecting the epochs on valid, retrain on train + valid for test
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
@@ -122,6 +125,7 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps >= 0,
             "grad_clip_norm": self.grad_clip_norm >= 0,
             "history_length": self.history_length >= 0,
+            "id_embedding_dim": self.id_embedding_dim >= 0,
             "num_threads": self.num_threads >= 0,
         }
         for name, ok in checks.items():

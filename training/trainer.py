@@ -2,8 +2,8 @@
 
 Usage::
 
-    retrieval train --data artifacts/demo/data --out artifacts/demo/model --config configs/ml100k.yaml
-    torchrun --nproc-per-node 2 -m training --data DIR --out MODEL_DIR --config configs/ml100k.yaml
+    retrieval train --data artifacts/demo/data --out artifacts/demo/model --config configs/default.yaml
+    torchrun --nproc-per-node 2 -m training --data DIR --out MODEL_DIR --config configs/default.yaml
 
 Stages (each timed and logged): resolve config -> load data and fit encoders on train ->
 encode users, items and causal histories -> train with in-batch softmax (validation
@@ -57,7 +57,7 @@ from retrieval.evaluation import (
     history_feature_name,
 )
 from retrieval.evaluation.baselines import BaselineGrids, evaluate_baselines
-from retrieval.features import SPLIT, DatasetSchema, FeatureKind
+from retrieval.features import ITEM_ID, SPLIT, USER_ID, DatasetSchema, FeatureKind
 from retrieval.loss import RetrievalTask
 from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
 from training import distributed as dist_utils
@@ -82,8 +82,16 @@ def stage(name: str) -> Iterator[None]:
 
 
 def apply_feature_overrides(schema: DatasetSchema, config: TrainConfig) -> DatasetSchema:
-    """Schema with the config's history length and per-feature embedding sizes applied."""
+    """Schema with the config's history length and embedding sizes applied: `id_embedding_dim`
+    for the user and item id features, then the per-feature `embedding_dims` (which win)."""
     dims = dict(config.embedding_dims)
+    if config.id_embedding_dim:  # the id features: categorical reads of user_id / item_id
+        for spec in (*schema.query_features, *schema.item_features):
+            is_id = spec.kind in (FeatureKind.CATEGORICAL, FeatureKind.HASHED) and (
+                spec.source_column in (USER_ID, ITEM_ID) or spec.name == schema.item_id_feature
+            )
+            if is_id:
+                dims.setdefault(spec.name, config.id_embedding_dim)
     known = {s.name for s in schema.query_features} | {s.name for s in schema.item_features}
     unknown = sorted(set(dims) - known)
     if unknown:
@@ -137,7 +145,7 @@ def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelCon
             output_dim=section.output_dim,
             dropout=section.dropout,
             layer_norm=section.layer_norm,
-            history_pooling="position" if pooled else "mean",  # type: ignore[arg-type]
+            history_pooling="position" if pooled else "mean",
             history_max_length=max(history_lengths) if pooled else 0,
         )
 

@@ -7,7 +7,7 @@ from training.config import TrainConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["ml100k.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "synth.yaml", "scale_1m.yaml"])
 def test_named_configs_load(name: str) -> None:
     config = TrainConfig.load(REPO / "configs" / name)
     assert config.model.arrangement == "parallel"
@@ -37,3 +37,8 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
 def test_overrides_replace_fields() -> None:
     config = TrainConfig().with_overrides(epochs=2, **{"model.cross": "mix", "seed": None})
     assert (config.epochs, config.model.cross, config.seed) == (2, "mix", 0)
+
+
+def test_the_default_config_file_is_the_code_default() -> None:
+    # One default: `retrieval train` without --config and configs/default.yaml agree.
+    assert TrainConfig.load(REPO / "configs" / "default.yaml") == TrainConfig()
