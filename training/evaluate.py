@@ -706,8 +706,8 @@ def register_evaluate(subparsers: Any) -> None:
         choices=("items", "users"),
         help="cold-start evaluation of a dataset written by `retrieval data cold MODE`",
     )
-    parser.add_argument("--als-factors", default="32,64,128", help="ALS grid: factors")
-    parser.add_argument("--als-regularization", default="0.01,0.1", help="ALS grid: lambda")
+    parser.add_argument("--als-factors", default="16,32,64,128", help="ALS grid: factors")
+    parser.add_argument("--als-regularization", default="0.1,1,10", help="ALS grid: lambda")
     parser.add_argument("--als-alpha", default="1,10", help="ALS grid: confidence alpha")
     parser.add_argument("--als-iterations", type=int, default=15, help="ALS sweeps per fit")
     parser.add_argument(

@@ -256,8 +256,8 @@ class ALSParams:
 class ALSGrid:
     """The ALS tuning grid: every combination is fitted once on train."""
 
-    factors: tuple[int, ...] = (32, 64, 128)
-    regularization: tuple[float, ...] = (0.01, 0.1)
+    factors: tuple[int, ...] = (16, 32, 64, 128)
+    regularization: tuple[float, ...] = (0.1, 1.0, 10.0)
     alpha: tuple[float, ...] = (1.0, 10.0)
     iterations: int = 15
 

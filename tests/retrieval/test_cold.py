@@ -122,3 +122,16 @@ def test_evaluate_cold_items_scores_only_cold_items(
     # The mode must match the dataset.
     assert main([*args[:-1], "users", "--no-progress"]) == 2
     assert "needs a dataset written by `retrieval data cold users`" in capsys.readouterr().err
+
+
+def test_data_cold_cli_writes_the_dataset_and_refuses_a_cold_input(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cold"
+    args = ["data", "cold", "users", "--data", str(tiny_dataset), "--out", str(out)]
+    assert main([*args, "--quantile", "0.3"]) == 0
+    assert "cold users:" in capsys.readouterr().out
+    assert load_dataset(out).schema.stats[COLD_STATS_KEY]["mode"] == "users"
+    again = ["data", "cold", "items", "--data", str(out), "--out", str(tmp_path / "x")]
+    assert main(again) == 2
+    assert "already a cold-start dataset" in capsys.readouterr().err
