@@ -31,15 +31,26 @@ KS = (10, 20, 50, 100)
 # name -> (what it changes, overrides as `section.field` keys on top of the base config)
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("the default model (configs/default.yaml)", {}),
-    # Each lever of the default taken away:
-    "no_refit": ("without the refit: test the weights selected on valid", {"refit": False}),
+    "base": ("the default without id dropout", {"id_dropout": 0.0}),
+    # Each lever of the base taken away:
+    "no_refit": (
+        "without the refit: test the weights selected on valid",
+        {"id_dropout": 0.0, "refit": False},
+    ),
     "mean_pooling": (
         "history mean-pooled instead of position-weighted",
-        {"model.history_pooling": "mean"},
+        {"id_dropout": 0.0, "model.history_pooling": "mean"},
     ),
-    "id_dim_32": ("id embeddings of the schema's 32 instead of 64", {"id_embedding_dim": 0}),
-    "epochs_5": ("at most 5 epochs instead of 10", {"epochs": 5}),
+    "id_dim_32": (
+        "id embeddings of the schema's 32 instead of 64",
+        {"id_dropout": 0.0, "id_embedding_dim": 0},
+    ),
+    "epochs_5": ("at most 5 epochs instead of 10", {"id_dropout": 0.0, "epochs": 5}),
     # Levers tried on top of the default:
+    "id_dropout_0.3": (
+        "user / item ids replaced by OOV in 30 % of training rows",
+        {"id_dropout": 0.3},
+    ),
     "id_dim_128": ("id embeddings of 128", {"id_embedding_dim": 128}),
     "full_catalog": (
         "exact softmax over all 1682 items, no logQ",

@@ -103,7 +103,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         )
     popularity = result.get("popularity", {}).get(METRIC)
     if popularity is not None:
-        lines.append(f"| popularity (train counts) | {popularity:.4f} | | 0 | 0 | |")
+        lines.append(f"| popularity (context counts) | {popularity:.4f} | | 0 | 0 | |")
     gain = result["gain"]
     lines += [
         "",

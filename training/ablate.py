@@ -625,8 +625,9 @@ def format_report_markdown(report: dict[str, Any]) -> str:
             else []
         ),
         f"- Machine: {machine['summary']}; torch {machine['torch']}, "
-        f"{machine['torch_threads']} threads; the machine was shared with other jobs, so "
-        "times vary with the 1-min load average listed per run (2 = both cores busy)",
+        f"{setup['base_config'].get('num_threads') or 'all'} torch thread(s) per run; the machine "
+        "was shared with other jobs, so times vary with the 1-min load average listed per run "
+        "(2 = both cores busy)",
         "- Params: all weights, shared id table counted once; dense = all but embedding "
         "tables. FLOPs: forward, per example, query + item tower (`retrieval.cost`).",
         "",
@@ -647,7 +648,7 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     popularity = report.get("popularity") or {}
     if any(v is not None for v in popularity.values()):
         lines.append(
-            "| popularity (train counts) | 0 | 0 | 0 | "
+            "| popularity (context counts) | 0 | 0 | 0 | "
             + " | ".join(
                 f"{popularity[f'recall@{k}']:.4f}"
                 if popularity.get(f"recall@{k}") is not None

@@ -12,7 +12,7 @@ Example:
     >>> TrainConfig.from_dict({"epoch": 3})
     Traceback (most recent call last):
     ...
-    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'id_embedding_dim', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
+    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'id_dropout', 'id_embedding_dim', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class TrainConfig:
     history_length: int = 0  # 0 = the schema's history max_length; else override
     id_embedding_dim: int = 64  # width of the user and item id embeddings (0 = the schema's)
     embedding_dims: dict[str, int] = field(default_factory=dict)  # per-feature overrides
-    num_threads: int = 1  # torch intra-op threads; 0 = all cores
+    id_dropout: float = 0.1  # share of training rows whose user / item ids become OOV (cold start)
+    num_threads: int = 0  # torch intra-op threads; 0 = all cores (set 1 for runs side by side)
     refit: bool = True  # after selecting the epochs on valid, retrain on train + valid for test
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
@@ -126,6 +127,7 @@ class TrainConfig:
             "grad_clip_norm": self.grad_clip_norm >= 0,
             "history_length": self.history_length >= 0,
             "id_embedding_dim": self.id_embedding_dim >= 0,
+            "id_dropout": 0 <= self.id_dropout < 1,
             "num_threads": self.num_threads >= 0,
         }
         for name, ok in checks.items():

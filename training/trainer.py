@@ -2,13 +2,16 @@
 
 Usage::
 
-    retrieval train --data artifacts/demo/data --out artifacts/demo/model --config configs/default.yaml
-    torchrun --nproc-per-node 2 -m training --data DIR --out MODEL_DIR --config configs/default.yaml
+    retrieval train --data artifacts/demo/data --out artifacts/demo/model
+    retrieval train --data DIR --out MODEL_DIR --config configs/synth.yaml
+    torchrun --nproc-per-node 2 -m training --data DIR --out MODEL_DIR
 
 Stages (each timed and logged): resolve config -> load data and fit encoders on train ->
-encode users, items and causal histories -> train with in-batch softmax (validation
-recall every epoch, early stopping, best weights kept, checkpoints for resume) -> test
-recall of the best weights next to the popularity baseline -> write the bundle.
+encode users, items and causal histories -> **select**: train with in-batch softmax
+(validation recall every epoch, early stopping, best epoch kept, checkpoints for resume) ->
+**refit**: fit the encoders on train + valid and train a fresh model for the selected
+number of epochs -> test recall next to the baselines (popularity, EASE, ALS) on the same
+queries -> write the bundle.
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e) and the RNG is
 reseeded from (seed, global step) before every step, so a run resumed from a checkpoint
@@ -57,7 +60,14 @@ from retrieval.evaluation import (
     history_feature_name,
 )
 from retrieval.evaluation.baselines import BaselineGrids, evaluate_baselines
-from retrieval.features import ITEM_ID, SPLIT, USER_ID, DatasetSchema, FeatureKind
+from retrieval.features import (
+    ITEM_ID,
+    OOV_INDEX,
+    SPLIT,
+    USER_ID,
+    DatasetSchema,
+    FeatureKind,
+)
 from retrieval.loss import RetrievalTask
 from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
 from training import distributed as dist_utils
@@ -81,17 +91,38 @@ def stage(name: str) -> Iterator[None]:
     logger.info("stage %s done in %.1fs", name, time.perf_counter() - start)
 
 
+def id_feature_names(schema: DatasetSchema) -> tuple[str, ...]:
+    """The id features: categorical or hashed reads of the `user_id` / `item_id` column."""
+    return tuple(
+        spec.name
+        for spec in (*schema.query_features, *schema.item_features)
+        if spec.kind in (FeatureKind.CATEGORICAL, FeatureKind.HASHED)
+        and (spec.source_column in (USER_ID, ITEM_ID) or spec.name == schema.item_id_feature)
+    )
+
+
+def drop_ids(batch: Batch, names: tuple[str, ...], rate: float) -> Batch:
+    """`batch` with each row's id features set to OOV with probability `rate` (one draw per
+    row, from the global RNG the loop seeds per step): the towers learn to embed a user or an
+    item from its other features, which is all a cold one has."""
+    present = [name for name in names if name in batch]
+    if not present or rate <= 0:
+        return batch
+    rows = next(iter(batch.values())).shape[0]
+    dropped = torch.rand(rows) < rate  # (B,)
+    out = dict(batch)
+    for name in present:
+        out[name] = batch[name].masked_fill(dropped, OOV_INDEX)
+    return out
+
+
 def apply_feature_overrides(schema: DatasetSchema, config: TrainConfig) -> DatasetSchema:
     """Schema with the config's history length and embedding sizes applied: `id_embedding_dim`
     for the user and item id features, then the per-feature `embedding_dims` (which win)."""
     dims = dict(config.embedding_dims)
-    if config.id_embedding_dim:  # the id features: categorical reads of user_id / item_id
-        for spec in (*schema.query_features, *schema.item_features):
-            is_id = spec.kind in (FeatureKind.CATEGORICAL, FeatureKind.HASHED) and (
-                spec.source_column in (USER_ID, ITEM_ID) or spec.name == schema.item_id_feature
-            )
-            if is_id:
-                dims.setdefault(spec.name, config.id_embedding_dim)
+    if config.id_embedding_dim:
+        for name in id_feature_names(schema):
+            dims.setdefault(name, config.id_embedding_dim)
     known = {s.name for s in schema.query_features} | {s.name for s in schema.item_features}
     unknown = sorted(set(dims) - known)
     if unknown:
@@ -422,12 +453,13 @@ def run_phase(
     state: dict[str, Any],
     ckpt: Path,
     *,
-    resume_weights: tuple[Path, bool],
+    resume: bool,
     max_steps: int,
     progress: bool,
 ) -> tuple[TwoTowerModel, RetrievalTask, bool]:
-    """Run the epochs of `phase` from `state` (updated in place); returns the model with its
-    kept weights (the best validated ones, or the last), its task, and whether `max_steps`
+    """Run the epochs of `phase` from `state` (updated in place; with `resume`, weights and
+    optimizer state come from the checkpoint `ckpt`); returns the model with its kept
+    weights (the best validated ones, or the last), its task, and whether `max_steps`
     stopped it. A checkpoint is written after every epoch (rank 0)."""
     data = phase.data
     world, rank = dist_utils.world_size(), dist_utils.rank()
@@ -440,9 +472,8 @@ def run_phase(
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     optimizers = build_optimizers(model, task, config)
     best_state: dict[str, torch.Tensor] | None = None
-    resume_from, resume = resume_weights
     if resume:
-        _, best_state = load_checkpoint(resume_from, model, task, optimizers)
+        _, best_state = load_checkpoint(ckpt, model, task, optimizers)
 
     per_rank = len(data.train_rows) // world
     steps_per_epoch = max(1, per_rank // config.batch_size)
@@ -450,6 +481,7 @@ def run_phase(
     ks = tuple(sorted(set(config.eval.ks)))
     metric_name = config.eval.metric
     step0 = state["phase_start_step"]  # global steps taken before this phase
+    id_names = id_feature_names(data.encoder.schema)
 
     model.train()
     stopped_by_max_steps = False
@@ -479,6 +511,9 @@ def run_phase(
                     group["lr"] = config.lr * lr_factor(phase_step, total_steps, config)
             rows = order[local_step * config.batch_size : (local_step + 1) * config.batch_size]
             query, item, item_ids = gather_batch(data, rows)
+            if config.id_dropout:
+                query = drop_ids(query, id_names, config.id_dropout)
+                item = drop_ids(item, id_names, config.id_dropout)
             extra: dict[str, Any] = {}
             if task.full_catalog:
                 # Exact softmax over the whole catalog: every item is a candidate.
@@ -669,6 +704,7 @@ def train(
             loaded["step"],
         )
 
+    run_options: dict[str, Any] = {"max_steps": max_steps, "progress": progress}
     # Phase 1: select the epoch count on valid.
     if loaded is not None and loaded["phase"] == "refit":
         selection = loaded["selection"]
@@ -688,13 +724,7 @@ def train(
         phase = Phase("select", data, config.epochs, config.epochs, valid_queries)
         with stage("train (select on valid)"):
             model, task, stopped = run_phase(
-                phase,
-                config,
-                state,
-                ckpt,
-                resume_weights=(ckpt, loaded is not None),
-                max_steps=max_steps,
-                progress=progress,
+                phase, config, state, ckpt, resume=loaded is not None, **run_options
             )
         selection = {
             "best_epoch": state["best_epoch"],
@@ -717,13 +747,7 @@ def train(
         phase = Phase("refit", refit_data, selection["best_epoch"], config.epochs, None)
         with stage(f"refit on train + valid ({selection['best_epoch']} epochs)"):
             model, task, stopped = run_phase(
-                phase,
-                config,
-                state,
-                ckpt,
-                resume_weights=(ckpt, loaded is not None),
-                max_steps=max_steps,
-                progress=progress,
+                phase, config, state, ckpt, resume=loaded is not None, **run_options
             )
         steps = state["step"]
         final_data = refit_data

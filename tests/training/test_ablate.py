@@ -112,6 +112,11 @@ def test_plan_and_config_give_equal_budgets() -> None:
     )
     assert config.eval.patience > config.epochs  # no early stopping: every run trains 3 epochs
     assert 1000 in config.eval.ks
+    assert config.eval.baselines == ("popularity",)  # EASE and ALS do not depend on the variant
+    plateau = variant_config(
+        tiny_train_config(), Variant("cross", "mix"), seed=4, epochs=3, ks=(10,), plateau=True
+    )
+    assert plateau.eval.patience == tiny_train_config().eval.patience  # early stopping on
     with pytest.raises(ValueError, match="--arrangements"):
         plan_variants(["paralel"], ["full"])
 

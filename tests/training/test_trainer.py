@@ -317,3 +317,21 @@ def test_without_refit_the_selected_weights_are_tested(tiny_dataset: Path, tmp_p
     assert result.metrics["refit"] == {"done": False}
     assert result.metrics["test"]["trained_on"] == "train"
     assert "test_baselines" not in result.metrics
+
+
+def test_id_dropout_replaces_whole_rows_of_ids_with_oov(tiny_dataset: Path) -> None:
+    schema = load_dataset(tiny_dataset).schema
+    assert trainer.id_feature_names(schema) == ("user_id", "item_id")
+    batch = {
+        "user_id": torch.arange(2, 402),
+        "zip_prefix": torch.arange(2, 402),
+        "item_id": torch.arange(5, 405),
+    }
+    torch.manual_seed(0)
+    out = trainer.drop_ids(batch, ("user_id", "item_id"), 0.25)
+    dropped = out["user_id"] == 1  # OOV
+    assert 60 < int(dropped.sum()) < 140  # ~100 of 400 rows
+    assert torch.equal(out["item_id"] == 1, dropped)  # one draw per row, every id feature
+    assert torch.equal(out["zip_prefix"], batch["zip_prefix"])  # other features untouched
+    assert torch.equal(out["user_id"][~dropped], batch["user_id"][~dropped])
+    assert trainer.drop_ids(batch, ("user_id",), 0.0) is batch
