@@ -712,14 +712,7 @@ def train(
         stopped = False
     else:
         with stage("validation queries"):
-            valid_queries = build_eval_queries(
-                data.encoder,
-                data.dataset,
-                "valid",
-                max_users=config.eval.max_users,
-                seed=config.seed,
-                user_features=data.user_features,
-            )
+            valid_queries = split_queries(data, config, "valid")
         state = loaded if loaded is not None else _fresh_state("select", 0)
         phase = Phase("select", data, config.epochs, config.epochs, valid_queries)
         with stage("train (select on valid)"):
@@ -795,30 +788,28 @@ def train(
     return TrainResult(bundle_dir=out, metrics=result_metrics, seconds=time.perf_counter() - start)
 
 
-def test_table(model: TwoTowerModel, data: PreparedData, config: TrainConfig) -> dict[str, Any]:
-    """Test metrics of the model and of `config.eval.baselines` on the same test queries
-    (``{"test": ..., "test_baselines": {name: ...}}``)."""
-    test_queries = build_eval_queries(
+def split_queries(data: PreparedData, config: TrainConfig, split: str) -> EvalQueries:
+    """The evaluation queries of `split` ('valid' or 'test') under `data`'s encoder."""
+    return build_eval_queries(
         data.encoder,
         data.dataset,
-        "test",
+        split,
         max_users=config.eval.max_users,
         seed=config.seed,
         user_features=data.user_features,
     )
+
+
+def test_table(model: TwoTowerModel, data: PreparedData, config: TrainConfig) -> dict[str, Any]:
+    """Test metrics of the model and of `config.eval.baselines` on the same test queries
+    (``{"test": ..., "test_baselines": {name: ...}}``)."""
+    test_queries = split_queries(data, config, "test")
     test_ks = tuple(sorted(set(config.eval.ks) | {10, 20, 50, 100}))
     metrics = evaluate(model, data, test_queries, test_ks)
     metrics["trained_on"] = "+".join(data.fit_splits)
     out: dict[str, Any] = {"test": metrics}
     if config.eval.baselines:
-        valid_queries = build_eval_queries(
-            data.encoder,
-            data.dataset,
-            "valid",
-            max_users=config.eval.max_users,
-            seed=config.seed,
-            user_features=data.user_features,
-        )
+        valid_queries = split_queries(data, config, "valid")
         out["test_baselines"] = evaluate_baselines(
             config.eval.baselines,
             data.encoder,

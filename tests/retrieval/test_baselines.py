@@ -144,14 +144,18 @@ def test_ease_refuses_a_catalog_above_its_limit(monkeypatch: pytest.MonkeyPatch)
         fit_ease(csr_matrix(np.ones((2, 3), dtype=np.float32)), l2=0.0)
 
 
-@needs_scipy
-def test_tune_then_refit_picks_on_valid_then_refits_on_the_test_context(
-    tiny_bundle: Path, tiny_dataset: Path
-) -> None:
+@pytest.fixture(scope="module")
+def tiny_protocol(tiny_bundle: Path, tiny_dataset: Path):
+    """(encoder, dataset, test queries, valid queries) of the tiny bundle."""
     encoder = load_bundle(tiny_bundle).encoder
     dataset = load_dataset(tiny_dataset)
     test = build_eval_queries(encoder, dataset, "test")
-    valid = build_eval_queries(encoder, dataset, "valid")
+    return encoder, dataset, test, build_eval_queries(encoder, dataset, "valid")
+
+
+@needs_scipy
+def test_tune_then_refit_picks_on_valid_then_refits_on_the_test_context(tiny_protocol) -> None:
+    encoder, dataset, test, valid = tiny_protocol
     fitted: list[tuple[float, float]] = []  # (events in the matrix, parameter)
     train_events = dataset.interactions["split"].to_pylist().count("train")
 
@@ -200,12 +204,9 @@ def test_random_ranking_is_seeded_and_skips_excluded_items() -> None:
 
 
 def test_evaluate_baselines_reports_ease_and_marks_cold_rows_not_applicable(
-    tiny_bundle: Path, tiny_dataset: Path
+    tiny_protocol,
 ) -> None:
-    encoder = load_bundle(tiny_bundle).encoder
-    dataset = load_dataset(tiny_dataset)
-    test = build_eval_queries(encoder, dataset, "test")
-    valid = build_eval_queries(encoder, dataset, "valid")
+    encoder, dataset, test, valid = tiny_protocol
     results = evaluate_baselines(
         ("popularity", "ease"), encoder, dataset, test, [5, 10], valid_queries=valid
     )
