@@ -1,6 +1,6 @@
 """Fixtures of the reliability suite: settings for the tiny artifacts on a free port.
 
-The same artifacts as tests/service (built from the session's tiny dataset and bundle);
+The same artifacts as tests/service (built from the test run's tiny dataset and bundle);
 the helpers live in tests/service/service_fixtures.py and reliability_fixtures.py.
 """
 
