@@ -211,7 +211,8 @@ def prepare_data(
         raise ValueError(f"`fit_splits` must be ('train',) or ('train', 'valid'); got {fit_splits}")
     dataset = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
     schema = apply_feature_overrides(dataset.schema, config)
-    dataset = Dataset(schema, path=dataset.path)
+    # The tables already read (the refit's second call) are reused, not read again.
+    dataset = Dataset(schema, dataset.users, dataset.items, dataset.interactions, path=dataset.path)
     fit_interactions = dataset.interactions
     if fit_splits != ("train",):  # the encoder fits on rows labelled train
         split = fit_interactions[SPLIT]

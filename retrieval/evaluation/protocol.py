@@ -212,9 +212,13 @@ def select_queries(queries: EvalQueries, keep: npt.NDArray[np.bool_]) -> EvalQue
     """The queries whose `keep` flag is set (same order), as a new `EvalQueries`."""
     positions = np.flatnonzero(keep)
     index = torch.from_numpy(positions)
+    new_row = torch.full((len(queries),), -1, dtype=torch.int64)
+    new_row[index] = torch.arange(len(positions))
 
     def rows(sets: ItemSets) -> ItemSets:
-        return ItemSets.from_lists([sets.row(int(p)) for p in positions])
+        owner = new_row[torch.repeat_interleave(torch.arange(sets.num_queries), sets.sizes())]
+        kept = owner >= 0
+        return ItemSets.from_pairs(owner[kept], sets.indices[kept], num_queries=len(positions))
 
     return EvalQueries(
         split=queries.split,
@@ -241,16 +245,20 @@ def cold_queries(
     ids = [str(v) for v in cold.get("ids", [])]
     if mode == "items":
         cold_rows = torch.from_numpy(np.asarray(encoder.item_index(pa.array(ids)), np.int64))
-        held = [queries.held_out.row(q) for q in range(len(queries))]
-        kept = [row[torch.isin(row, cold_rows)] for row in held]
+        held = queries.held_out
+        owner = torch.repeat_interleave(torch.arange(held.num_queries), held.sizes())
+        is_cold = torch.isin(held.indices, cold_rows)
+        cold_held = ItemSets.from_pairs(
+            owner[is_cold], held.indices[is_cold], num_queries=held.num_queries
+        )
         narrowed = EvalQueries(
             split=queries.split,
             user_rows=queries.user_rows,
             query_batch=queries.query_batch,
-            held_out=ItemSets.from_lists(kept),
+            held_out=cold_held,
             exclude=queries.exclude,
         )
-        result = select_queries(narrowed, np.array([len(row) > 0 for row in kept], dtype=bool))
+        result = select_queries(narrowed, (cold_held.sizes() > 0).numpy())
     elif mode == "users":
         user_rows = np.asarray(encoder.user_index(pa.array(ids)), np.int64)
         result = select_queries(queries, np.isin(queries.user_rows, user_rows))
