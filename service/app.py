@@ -191,7 +191,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
     cache: ResponseCache | None = None
     if settings.redis_url is not None:
         client = make_client(
-            settings.redis_url,
+            settings.redis_url_value,
             socket_timeout_s=settings.redis_socket_timeout_s,
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=settings.redis_retries,
@@ -207,7 +207,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
             logger.warning(
                 "redis at %s is not reachable at start-up; `user_id` queries answer 503 "
                 "until it is",
-                redact_url(settings.redis_url),
+                redact_url(settings.redis_url_value),
             )
         store = RedisFeatureStore(link, settings.redis_prefix)
         await check_pushed_features(link, settings.redis_prefix, loaded["schema"])
@@ -258,7 +258,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
     )
     if settings.redis_url is not None:
         subscriber = make_client(
-            settings.redis_url,
+            settings.redis_url_value,
             socket_timeout_s=max(settings.redis_socket_timeout_s, 5.0),
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=0,

@@ -83,6 +83,36 @@ class ServiceSettings(BaseSettings):
         le=64 << 20,
         description="Largest request body; larger ones get 413 before parsing (chunked too).",
     )
+    max_seen_ids: int = Field(
+        default=10_000,
+        ge=0,
+        le=1_000_000,
+        description="Most seen items one `exclude_seen` query excludes: a stored seen set "
+        "longer than this is cut to its most recent ids, so one heavy user cannot inflate a "
+        "search (the over-fetch is k + exclusions).",
+    )
+    code_cache_size: int = Field(
+        default=100_000,
+        ge=0,
+        le=10_000_000,
+        description="Codes kept per feature for values outside the prefilled vocabulary "
+        "(hashed features, and every value when `prefill_codes` is off), least recently used "
+        "dropped first; unknown vocabulary values are never cached.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Longest time a request body may take to arrive once its headers are in; "
+        "a slower body gets 408 and its connection is closed.",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        le=100_000,
+        description="Open connections the server keeps at once (uvicorn's "
+        "`limit_concurrency`); more are answered 503 at once.",
+    )
     max_in_flight: int = Field(
         default=256,
         ge=1,
@@ -161,11 +191,18 @@ class ServiceSettings(BaseSettings):
     )
 
     # ------------------------------------------------------------------ Redis
-    redis_url: str | None = Field(
+    redis_url: SecretStr | None = Field(
         default=None,
         description="Redis for the feature store, the response cache and index announcements "
-        "(redis:// or rediss://); when set, `data_dir` is not used for features. Unset: "
-        "embedded feature store from `data_dir`, no cache, CURRENT polled only.",
+        "(redis://, rediss:// or unix://); when set, `data_dir` is not used for features. "
+        "Unset: embedded feature store from `data_dir`, no cache, CURRENT polled only. A "
+        "secret (it may hold the password): never logged or shown; prefer `redis_url_file`.",
+    )
+    redis_url_file: Path | None = Field(
+        default=None,
+        description="A file holding the Redis URL (e.g. a Docker secret), read at start-up: "
+        "keeps the password out of the environment and of command lines. Exclusive with "
+        "`redis_url`.",
     )
     redis_prefix: str = Field(
         default="retrieval:",
@@ -215,15 +252,38 @@ class ServiceSettings(BaseSettings):
             data = {**data, "default_k": min(1000, int(data["max_k"]))}
         return data
 
-    @field_validator("redis_url")
+    @model_validator(mode="before")
     @classmethod
-    def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+    def _read_redis_url_file(cls, data: Any) -> Any:
+        # The file's content becomes `redis_url` (a secret from then on).
+        if not isinstance(data, dict) or data.get("redis_url_file") in (None, ""):
+            return data
+        if data.get("redis_url") not in (None, ""):
+            raise ValueError("set `redis_url` or `redis_url_file`, not both")
+        path = Path(data["redis_url_file"])
+        try:
+            url = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"`redis_url_file` {str(path)!r} cannot be read ({type(exc).__name__})"
+            ) from None
+        if not url:
+            raise ValueError(f"`redis_url_file` {str(path)!r} is empty")
+        return {**data, "redis_url": url}
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or text == "":
             return None
-        scheme = urlparse(value).scheme
+        if not isinstance(text, str):
+            raise ValueError("`redis_url` must be a string")
+        scheme = urlparse(text).scheme
         if scheme not in ("redis", "rediss", "unix"):
+            # The scheme only: the rest of the URL may hold the password.
             raise ValueError(f"`redis_url` must be redis://, rediss:// or unix://; got {scheme!r}")
-        return value
+        return text
 
     @field_validator("redis_prefix")
     @classmethod
@@ -241,10 +301,21 @@ class ServiceSettings(BaseSettings):
             raise ValueError("`api_key` must be at least 16 characters")
         return value
 
+    @property
+    def redis_url_value(self) -> str | None:
+        """The Redis URL in clear (for the client only: never log it; see `redact_url`)."""
+        return self.redis_url.get_secret_value() if self.redis_url is not None else None
+
     @model_validator(mode="after")
     def _check_combination(self) -> ServiceSettings:
         if self.default_k > self.max_k:
             raise ValueError(f"`default_k` ({self.default_k}) must be <= `max_k` ({self.max_k})")
+        if self.max_batch_queries > self.max_in_flight:
+            raise ValueError(
+                f"`max_batch_queries` ({self.max_batch_queries}) must be <= `max_in_flight` "
+                f"({self.max_in_flight}): a full batch call takes that many admissions and "
+                "would be refused with 429 forever"
+            )
         if (
             self.api_key is None
             and not self.allow_public_without_api_key
