@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,19 @@ def _display_path(path: Path) -> str:
 
 def _number(value: Any, spec: str) -> str:
     return "-" if value is None else format(float(value), spec)
+
+
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line without ``--note TEXT`` (the report prints the note apart)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
 
 
 def relative_gain(new: float, old: float) -> float:
@@ -91,6 +105,10 @@ def format_markdown(result: dict[str, Any]) -> str:
         + ("" if setup["data_generated_now"] else " (existed already)")
         + f", runs {result['timings']['runs_wall_sum']:.0f}s (sum of the runs' wall times, "
         f"whenever they ran); this invocation {result['timings']['total']:.0f}s",
+    ]
+    if result.get("note"):
+        lines.append(f"- Note: {result['note']}")
+    lines += [
         "",
         f"| arrangement | {METRIC} (mean ± std) | recall@100 | params | FLOPs/ex | train s / run |",
         "|---|---:|---:|---:|---:|---:|",
@@ -127,6 +145,10 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {float(run['train_seconds'] or math.nan):.0f} "
             f"| {float(run['wall_seconds'] or math.nan):.0f} |"
         )
+    plots = result.get("plots") or {}
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({file})" for name, file in plots.items()]
     lines.append("")
     return "\n".join(lines)
 
@@ -155,6 +177,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="data and runs go here")
     parser.add_argument("--name", default="scale_1m", help="bench/results/NAME.{md,json}")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--note", default="", help="how the runs ran (load beside them...), printed in the report"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -236,7 +261,7 @@ def main() -> None:
         budget += "; stacked resized to parallel's dense parameter count (--match-params)"
     result = {
         "setup": {
-            "command": " ".join(["python", *sys.argv]),
+            "command": " ".join(["python", *_without_note(sys.argv)]),
             "items": args.items,
             "users": args.users,
             "interactions": args.interactions,
@@ -263,6 +288,12 @@ def main() -> None:
         "ablation_report": str(args.work / "runs" / "report.md"),
     }
     args.results.mkdir(parents=True, exist_ok=True)
+    result["note"] = args.note
+    result["plots"] = {}
+    for name, path in (report.get("plots") or {}).items():  # the ablation runner's plots
+        copy = args.results / f"{args.name}_{Path(path).name}"
+        shutil.copyfile(path, copy)
+        result["plots"][name] = copy.name
     atomic_write_text(args.results / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     markdown = format_markdown(result)
     atomic_write_text(args.results / f"{args.name}.md", markdown)
