@@ -99,11 +99,14 @@ from retrieval.evaluation import (
 from retrieval.features import ITEM_ID, ITEMS_FILE, DatasetSchema
 from retrieval.index_store import (
     METRIC,
+    IndexStoreError,
+    check_item_ids,
     check_version_name,
     faiss_has_gpu,
     versions_dir,
     write_index_version,
 )
+from retrieval.urls import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ class BuildOptions:
     recall_k: int = 1000  # k of the recall check (min(k, N) is used)
     recall_queries: int = 500  # real queries sampled: half tune the params, half gate
     force: bool = False  # publish below the floor (the manifest records forced=true)
-    redis_url: str | None = None  # announce the new version on this Redis
+    # announce the new version on this Redis (a secret: never in a repr, a log or a manifest)
+    redis_url: str | None = field(default=None, repr=False)
     search_params: dict[str, Any] = field(default_factory=dict)  # fixed; {} = tune
     train_size: int = 0  # training sample; 0 = 40 per IVF list (>= 20,000)
     seed: int = 0  # query sample, training sample, k-means
@@ -152,6 +156,14 @@ class BuildOptions:
             )
         if self.factory is not None and not self.factory.strip():
             raise ValueError("`factory` must be a FAISS index_factory string; got ''")
+
+
+def loggable_options(options: BuildOptions) -> dict[str, Any]:
+    """`options` as a dict fit for a log line: the Redis URL with its password redacted."""
+    values = asdict(options)
+    if options.redis_url:
+        values["redis_url"] = redact_url(options.redis_url)
+    return values
 
 
 @dataclass
@@ -309,15 +321,10 @@ def read_catalog_ids(catalog: Catalog) -> pa.Array:
     elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise IndexBuildError(f"{catalog.path}: `{ITEM_ID}` must be strings; got type {kind}")
     ids = column.combine_chunks()
-    if ids.null_count:
-        raise IndexBuildError(f"{catalog.path}: {ids.null_count} items have a null `{ITEM_ID}`")
-    if len(pc.unique(ids)) != len(ids):
-        counts = pc.value_counts(ids)
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
-        raise IndexBuildError(
-            f"{catalog.path}: {len(repeated)} item ids occur more than once, e.g. "
-            f"{repeated[:5].to_pylist()}; ids must be unique"
-        )
+    try:
+        check_item_ids(ids, catalog.path)  # what the service would refuse to load
+    except IndexStoreError as exc:
+        raise IndexBuildError(str(exc)) from exc
     return ids
 
 
@@ -499,7 +506,7 @@ def build_index(
             world,
             device,
             threads,
-            json.dumps(asdict(options), default=str),
+            json.dumps(loggable_options(options), default=str),
         )
     timings: dict[str, float] = {}
     staging: Path | None = None

@@ -5,11 +5,17 @@ Usage::
     retrieval build-index --model artifacts/model --data data/ml-100k --out artifacts/index
     retrieval build-index --model M --data D --out R --factory "IVF4000,Flat" --keep 5 \\
         --redis-url redis://127.0.0.1:6379/0
+    RETRIEVAL_REDIS_URL_FILE=/run/secrets/redis_url retrieval build-index --model M --data D --out R
     retrieval index list --root artifacts/index
     retrieval index rollback --root artifacts/index [--to VERSION]
     retrieval index verify --root artifacts/index [--version VERSION]
     retrieval build-index --model M --data D --out R --shards 4
     torchrun --nproc-per-node 2 -m index --model M --data D --out R [--shards 2]
+
+The new CURRENT is announced on Redis when a URL is given: `--redis-url` or
+`--redis-url-file`, else the service's variables `RETRIEVAL_REDIS_URL` or
+`RETRIEVAL_REDIS_URL_FILE` (a password in a flag shows in every process listing; the
+variable or the file keeps it out of them).
 
 Heavy modules (torch, faiss) are imported inside the handlers, so `retrieval --help`
 stays fast.
@@ -23,6 +29,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from retrieval.urls import add_redis_url_arguments
 
 logger = logging.getLogger(__name__)
 # faiss logs which CPU-specific library it loaded at INFO, three lines per process
@@ -51,7 +59,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--recall-queries", type=int, default=500, help="real queries: half tune, half gate"
     )
     parser.add_argument("--force", action="store_true", help="publish even below the floor")
-    parser.add_argument("--redis-url", help="announce the version on this Redis (optional)")
+    add_redis_url_arguments(parser, "announce the version on this Redis, if any")
     parser.add_argument(
         "--search-params", default="", help="fixed search params, e.g. nprobe=64 (default: tuned)"
     )
@@ -70,6 +78,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build_index(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from retrieval.index_store import parse_search_params
+    from retrieval.urls import resolve_redis_url
 
     options = BuildOptions(
         factory=args.factory,
@@ -80,7 +89,7 @@ def run_build_index(args: argparse.Namespace) -> int:
         recall_k=args.recall_k,
         recall_queries=args.recall_queries,
         force=args.force,
-        redis_url=args.redis_url,
+        redis_url=resolve_redis_url(args.redis_url, args.redis_url_file),
         search_params=parse_search_params(args.search_params),
         train_size=args.train_size,
         seed=args.seed,
@@ -166,12 +175,14 @@ def run_index_list(args: argparse.Namespace) -> int:
 
 def run_index_rollback(args: argparse.Namespace) -> int:
     from index.publish import announce_version, rollback, root_lock
+    from retrieval.urls import resolve_redis_url
 
+    redis_url = resolve_redis_url(args.redis_url, args.redis_url_file)  # checked before the swap
     with root_lock(args.root):
         previous, current = rollback(args.root, args.to, verify=not args.no_verify)
     print(f"CURRENT: {previous} -> {current}")
-    if args.redis_url:
-        announce_version(args.redis_url, current)
+    if redis_url:
+        announce_version(redis_url, current)
     return 0
 
 
@@ -207,7 +218,7 @@ def register_index_admin(subparsers: Any) -> None:
     back.add_argument("--root", required=True, type=Path, help="index root")
     back.add_argument("--to", help="version name (default: the one before CURRENT)")
     back.add_argument("--no-verify", action="store_true", help="skip the target's checksums")
-    back.add_argument("--redis-url", help="announce the new CURRENT on this Redis")
+    add_redis_url_arguments(back, "announce the new CURRENT on this Redis")
     back.set_defaults(func=run_index_rollback)
     check = actions.add_parser("verify", help="check a version's files against its manifest")
     check.add_argument("--root", required=True, type=Path, help="index root")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -82,6 +83,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final` only if the block succeeds.
 
+    With `overwrite`, an existing `final` is first renamed aside, to a name of its own
+    (``.tmp-<name>.old-<pid>-<random>``, so no leftover of an earlier run can be in the
+    way), then the new directory is renamed in, then the old one is removed. A process
+    killed between the two renames leaves no `final`: `recover_interrupted_replace` puts
+    the old one back.
+
     Args:
         final: the directory to create.
         overwrite: replace an existing `final` (the old one is removed after the swap).
@@ -99,31 +106,62 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         yield tmp
         fsync_tree(tmp)
         old: Path | None = None
-        if final.exists():
-            old = final.with_name(f"{TMP_PREFIX}{final.name}.old-{os.getpid()}")
+        if final.exists() or final.is_symlink():
+            old = final.with_name(
+                f"{TMP_PREFIX}{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            )
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_directory(final.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_entry(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_entry(path: Path) -> None:
+    """Delete a file, a link or a directory tree (what was moved aside may be any)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _moved_aside(final: Path) -> list[Path]:
+    """What `atomic_directory(overwrite=True)` moved aside for `final`, latest move last
+    (a rename sets the entry's ctime; the name breaks ties)."""
+    found = []
+    for path in final.parent.glob(f"{TMP_PREFIX}{final.name}.old-*"):
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path.lstat().st_ctime_ns, path.name, path))
+    return [path for _, _, path in sorted(found)]
+
+
+def interrupted_replace_pending(final: str | Path) -> bool:
+    """True when `final` is missing and a moved-aside old copy of it is there: a process
+    died between the two renames of `atomic_directory(overwrite=True)`, and
+    `recover_interrupted_replace` would put the old `final` back.
+
+    A job that writes `final` at its end asks this at its start, where a refusal costs
+    nothing (the restored `final` would make a write without `overwrite` fail at the end).
+    """
+    final = Path(final)
+    return not (final.exists() or final.is_symlink()) and bool(_moved_aside(final))
 
 
 def recover_interrupted_replace(final: str | Path) -> bool:
     """Put back the old `final` when a process died inside `atomic_directory(overwrite=True)`
     between moving the old directory aside and moving the new one in; True if it did.
 
-    Run before `remove_stale_temporaries(final.parent, final.name)`, which would delete it.
+    The latest moved-aside copy is put back (several exist only after several such deaths
+    with no recovery between them). Run it for every path before
+    `remove_stale_temporaries`, which deletes what is still aside.
     """
     final = Path(final)
-    if final.exists():
+    if not interrupted_replace_pending(final):
         return False
-    aside = sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}.old-*"))
-    if not aside:
-        return False
-    os.replace(aside[-1], final)
+    os.replace(_moved_aside(final)[-1], final)
     fsync_directory(final.parent)
     return True
 
@@ -143,10 +181,7 @@ def remove_stale_temporaries(directory: str | Path, name: str | None = None) -> 
     prefix = TMP_PREFIX if name is None else f"{TMP_PREFIX}{name}."
     for entry in directory.iterdir():
         if entry.name.startswith(prefix):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove_entry(entry)
             removed.append(entry)
     return removed
 

@@ -11,6 +11,9 @@ A bundle is a directory::
 
 It is written to a temporary directory and renamed into place, so a reader never sees a
 half-written bundle; `load_bundle` verifies every checksum before anything is parsed.
+The bundle's identity, `ModelBundle.checksum` (the sha256 of manifest.json), is taken
+from the very manifest bytes that were verified, once, at load: a directory overwritten
+or removed later changes nothing about what a loaded bundle says it is.
 """
 
 from __future__ import annotations
@@ -54,7 +57,12 @@ def _bundle_files(root: Path) -> list[Path]:
 
 @dataclass
 class ModelBundle:
-    """A loaded bundle: the model (eval mode), its encoders and recorded metadata."""
+    """A loaded bundle: the model (eval mode), its encoders and recorded metadata.
+
+    `checksum` is the sha256 of the manifest bytes verified at load (it identifies this
+    exact bundle; index versions record it). It is never read from disk again: the
+    directory may since have been overwritten by another bundle, or removed.
+    """
 
     path: Path
     model: TwoTowerModel
@@ -63,11 +71,7 @@ class ModelBundle:
     train_config: dict[str, Any]
     metrics: dict[str, Any]
     manifest: dict[str, Any]
-
-    @property
-    def checksum(self) -> str:
-        """sha256 of the manifest: identifies this exact bundle (used by index versions)."""
-        return hashlib.sha256((self.path / MANIFEST_FILE).read_bytes()).hexdigest()
+    checksum: str
 
     @property
     def version(self) -> str:
@@ -120,16 +124,26 @@ def _package_version() -> str:
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    root = Path(bundle_dir)
+    """Read and format-check the bundle's manifest (no file checksums: `verify_bundle`)."""
+    return _read_manifest_and_checksum(Path(bundle_dir))[0]
+
+
+def _read_manifest_and_checksum(root: Path) -> tuple[dict[str, Any], str]:
+    """The parsed manifest and the sha256 of the bytes it was parsed from (one read)."""
     path = root / MANIFEST_FILE
     if not root.is_dir():
         raise BundleError(f"model bundle not found: {root} is not a directory")
     if not path.is_file():
         raise BundleError(f"{root}: not a model bundle ({MANIFEST_FILE} missing)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the manifest ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: must hold a JSON object; got {type(manifest).__name__}")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(
             f"{path}: `format` must be {BUNDLE_FORMAT!r}; got {manifest.get('format')!r}"
@@ -139,7 +153,7 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             f"{path}: unsupported `format_version` {manifest.get('format_version')!r} "
             f"(this code reads {BUNDLE_FORMAT_VERSION})"
         )
-    return manifest
+    return manifest, hashlib.sha256(raw).hexdigest()
 
 
 def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
@@ -148,8 +162,12 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     Raises:
         BundleError: a file is missing, extra, or its checksum differs.
     """
-    root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    return _verify_bundle(Path(bundle_dir))[0]
+
+
+def _verify_bundle(root: Path) -> tuple[dict[str, Any], str]:
+    """`verify_bundle`, also returning the sha256 of the manifest bytes it verified with."""
+    manifest, checksum = _read_manifest_and_checksum(root)
     expected: dict[str, str] = manifest.get("files", {})
     for required in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if required not in expected:
@@ -170,7 +188,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
             raise BundleError(
                 f"{root / rel}: checksum mismatch (expected {digest[:12]}..., got {actual[:12]}...)"
             )
-    return manifest
+    return manifest, checksum
 
 
 def load_bundle(bundle_dir: str | Path, *, map_location: str = "cpu") -> ModelBundle:
@@ -179,7 +197,7 @@ def load_bundle(bundle_dir: str | Path, *, map_location: str = "cpu") -> ModelBu
     Never unpickles: weights are safetensors, everything else JSON or Arrow.
     """
     root = Path(bundle_dir)
-    manifest = verify_bundle(root)
+    manifest, checksum = _verify_bundle(root)
     try:
         config = ModelConfig.from_dict(json.loads((root / MODEL_CONFIG_FILE).read_text()))
     except (KeyError, TypeError, ValueError) as exc:
@@ -214,4 +232,5 @@ def load_bundle(bundle_dir: str | Path, *, map_location: str = "cpu") -> ModelBu
         train_config=train_config,
         metrics=metrics,
         manifest=manifest,
+        checksum=checksum,
     )

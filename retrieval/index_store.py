@@ -140,7 +140,15 @@ def read_current(root: str | Path) -> str:
     path = Path(root) / CURRENT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no CURRENT file (no index version published yet)")
-    return check_version_name(path.read_text(encoding="utf-8").strip())
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IndexStoreError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}: {raw[:40]!r}); "
+            "CURRENT must hold one version name"
+        ) from exc
+    return check_version_name(text.strip())
 
 
 def version_path(root: str | Path, version: str) -> Path:
@@ -741,8 +749,39 @@ def torch_exact_search(
     return scores, rows
 
 
+def check_item_ids(ids: pa.Array, where: Path | str) -> None:
+    """Refuse an id table the service cannot map rows through: ids must be strings
+    (`string` or `large_string`), none null, none repeated (a repeated id would make
+    `row_of` and the exclusion of seen items pick one of its rows only).
+
+    >>> check_item_ids(pa.array(["a", "b"]), "ids")
+    >>> check_item_ids(pa.array(["a", "b", "a"]), "ids")
+    Traceback (most recent call last):
+    ...
+    retrieval.index_store.IndexStoreError: ids: 1 item ids occur more than once, e.g. ['a']; ids must be unique
+    """
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        raise IndexStoreError(
+            f"{where}: `{ID_COLUMN}` must be strings (string or large_string); got type {ids.type}"
+        )
+    if ids.null_count:
+        rows = np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))
+        raise IndexStoreError(
+            f"{where}: {ids.null_count} `{ID_COLUMN}` values are null, e.g. at rows "
+            f"{rows[:5].tolist()}; every row needs an id"
+        )
+    if len(pc.unique(ids)) != len(ids):
+        counts = pc.value_counts(ids)
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+        raise IndexStoreError(
+            f"{where}: {len(repeated)} item ids occur more than once, e.g. "
+            f"{repeated[:5].to_pylist()}; ids must be unique"
+        )
+
+
 def read_item_ids(path: Path, expected: int) -> pa.Array:
-    """The id table of a version as one string array, checked against the manifest's count."""
+    """The id table of a version as one string array, checked against the manifest's count
+    and by `check_item_ids` (strings, none null, none repeated)."""
     try:
         table = pq.read_table(path, columns=[ID_COLUMN])
     except (pa.ArrowException, OSError) as exc:
@@ -750,11 +789,79 @@ def read_item_ids(path: Path, expected: int) -> pa.Array:
     ids = table[ID_COLUMN].combine_chunks()
     if len(ids) != expected:
         raise IndexStoreError(f"{path}: expected {expected} ids; found {len(ids)}")
+    check_item_ids(ids, path)
     return ids
 
 
+def check_row_labels(index: faiss.Index, where: Path | str) -> None:
+    """Refuse an index whose search labels are not row positions of the id table.
+
+    `IndexIDMap` / `IndexIDMap2` (also under a pre-transform or a refine stage) return
+    labels of the caller's choosing; the service maps label r to row r of ``ids.parquet``
+    and would answer with wrong ids, or fail, on such an index.
+    """
+    seen: Any = faiss.downcast_index(index)
+    while seen is not None:
+        if isinstance(seen, faiss.IndexIDMap | faiss.IndexIDMap2):
+            raise IndexStoreError(
+                f"{where}: the index is an id map ({type(seen).__name__}): its labels are "
+                "ids of its own, not row positions of the id table; build the index without "
+                "an id map"
+            )
+        inner = None
+        if isinstance(seen, faiss.IndexPreTransform):
+            inner = seen.index
+        elif isinstance(seen, faiss.IndexRefine):
+            inner = seen.base_index
+        seen = faiss.downcast_index(inner) if inner is not None else None
+
+
+PROBE_QUERIES = 4  # random unit vectors searched by `probe_search` when a version loads
+PROBE_K = 10  # k of the probe (min(PROBE_K, N))
+
+
+def probe_search(index: faiss.Index, num_items: int, where: Path | str) -> None:
+    """Search a few random unit vectors (seeded) the way the service will, and refuse the
+    index unless every query finds at least one item, every label is a row in
+    [0, num_items) (or -1, an empty slot) and every score of a found item is finite.
+
+    An index can pass every file check and still answer with labels outside the id table
+    (ids added with `add_with_ids`) or NaN scores (non-finite vectors): this is where such
+    a version is refused, before it serves. At least one item, not k: an IVF index with a
+    small nprobe legitimately finds fewer than k items for some queries.
+    """
+    k = min(PROBE_K, num_items)
+    normal = np.random.default_rng(0).standard_normal((PROBE_QUERIES, index.d))
+    queries: FloatArray = np.ascontiguousarray(
+        normal / np.linalg.norm(normal, axis=1, keepdims=True), dtype=np.float32
+    )  # (PROBE_QUERIES, D)
+    try:
+        scores, labels = index.search(queries, k)
+    except RuntimeError as exc:
+        raise IndexStoreError(f"{where}: a probe search failed ({exc})") from exc
+    labels = np.asarray(labels, dtype=np.int64)
+    outside = labels[(labels < -1) | (labels >= num_items)]
+    if outside.size:
+        raise IndexStoreError(
+            f"{where}: a probe search returned labels {sorted(set(outside.tolist()))[:5]} "
+            f"outside the id table's rows [0, {num_items}): labels must be row positions"
+        )
+    found = labels >= 0
+    if not found.any(axis=1).all():
+        raise IndexStoreError(
+            f"{where}: a probe search of {k} items found none for "
+            f"{int((~found.any(axis=1)).sum())} of {PROBE_QUERIES} queries; the index is empty "
+            "or broken"
+        )
+    if not np.isfinite(np.asarray(scores)[found]).all():
+        raise IndexStoreError(
+            f"{where}: a probe search returned non-finite scores (NaN or inf vectors in the index?)"
+        )
+
+
 def _read_index_file(path: Path, num_items: int, dim: int) -> faiss.Index:
-    """Read one index file and check it against the manifest (count, dim, metric)."""
+    """Read one index file and check it against the manifest (count, dim, metric) and
+    its labels (`check_row_labels`)."""
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as exc:
@@ -766,6 +873,7 @@ def _read_index_file(path: Path, num_items: int, dim: int) -> faiss.Index:
         )
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexStoreError(f"{path}: metric must be inner product")
+    check_row_labels(index, path)
     return index
 
 
@@ -775,13 +883,31 @@ def load_index_version(
     """Load version `version` of the index root `root` (default: the one CURRENT names).
 
     Every file is checked against the manifest's sha256 first (`verify=False` skips the
-    hashing, not the path checks). The manifest's search params are applied.
+    hashing, not the path checks). The manifest's search params are applied. Then what
+    the serving path relies on is checked, so that a version that would answer wrongly
+    is refused here rather than swapped in: ids strings, none null, none repeated
+    (`check_item_ids`); labels that are row positions (`check_row_labels`, no id map); a
+    probe search finding rows in [0, N) with finite scores (`probe_search`).
 
     Raises:
         FileNotFoundError: no CURRENT (when `version` is None) or no such version.
-        IndexStoreError: unsafe name or path, bad manifest, or inconsistent files.
+        IndexStoreError: unsafe name or path, bad or malformed manifest (a missing key or
+            a section of the wrong type included), inconsistent files, or a version that
+            fails the serving checks above.
         ChecksumMismatchError: a file was modified.
     """
+    try:
+        return _load_index_version(root, version, verify=verify)
+    except (KeyError, TypeError, AttributeError) as exc:
+        where = version if version is not None else CURRENT_FILE
+        raise IndexStoreError(
+            f"index version {where!r} under {Path(root)}: malformed manifest "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _load_index_version(root: str | Path, version: str | None, *, verify: bool) -> IndexVersion:
+    """`load_index_version` without the translation of malformed-manifest errors."""
     name = read_current(root) if version is None else check_version_name(version)
     path = version_path(root, name)
     if not path.is_dir():
@@ -805,6 +931,7 @@ def load_index_version(
     item_ids = read_item_ids(ids_file, num_items)
     params = dict(manifest["index"].get("search_params") or {})
     apply_search_params(index, params)
+    probe_search(index, num_items, path)
     logger.info(
         "index version %s loaded: %d items, dim %d, %s%s %s in %.2fs",
         name,
@@ -853,7 +980,8 @@ def write_index_version(
             own file (`shard-000.faiss`, ...), the manifest records the layout and the
             version is readable only by code that knows it (`format_version` 2).
         add_vectors: optional `[N, D]` float32 vectors to add to `index`.
-        item_ids: the N catalog ids (label r = ids[r]); strings, distinct, no nulls.
+        item_ids: the N catalog ids (label r = ids[r]); strings, distinct, no nulls
+            (`check_item_ids`).
         factory: the index factory string recorded in the manifest.
         search_params: search-time parameters recorded in the manifest (nprobe, efSearch).
         manifest_extra: further manifest sections (model, recall, timings, build...).
@@ -862,13 +990,14 @@ def write_index_version(
     if add_vectors is not None:
         index.add(np.ascontiguousarray(add_vectors, dtype=np.float32))
     ids = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
-    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
-        raise ValueError(f"`item_ids` must be strings; got type {ids.type}")
+    check_item_ids(ids, "`item_ids`")  # what a reader would refuse is not written
     if len(ids) != index.ntotal:
         raise ValueError(f"`item_ids` has {len(ids)} ids for an index of {index.ntotal} vectors")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("`index` must use the inner-product metric")
     parts = shard_indexes(index)
+    for part in parts if parts is not None else [index]:
+        check_row_labels(part, "`index`")
     if parts is not None:
         concrete: Any = faiss.downcast_index(index)
         if not concrete.successive_ids:

@@ -53,14 +53,16 @@ from service.feature_store import (
 from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
 from service.middleware import (
+    PROTECTED_PREFIX,
     AdmissionGateMiddleware,
     AdmissionLimiter,
+    APIKeyMiddleware,
     BodySizeLimitMiddleware,
     MetricsMiddleware,
 )
 from service.openapi import install_openapi
 from service.query import QueryFeatures, QuerySchema, encode_queries
-from service.redis_link import RedisLink, RedisUnavailableError, make_client
+from service.redis_link import RedisLink, RedisReplyError, RedisUnavailableError, make_client
 from service.retriever import RetrievalJob, Retriever
 from service.routes import health, info, retrieve
 from service.settings import ServiceSettings
@@ -104,7 +106,7 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
     """The slow, blocking part of start-up (runs on a thread)."""
     started = time.perf_counter()
     bundle = load_bundle(settings.model_dir)
-    schema = QuerySchema.from_schema(bundle.encoder.schema)
+    schema = QuerySchema.from_encoder(bundle.encoder)  # with the dense train statistics
     embed, mode = export_checked_query_tower(bundle, schema, settings.query_tower_mode)
     manager = IndexManager(
         settings.index_root,
@@ -127,6 +129,7 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
         lambda: manager.current,
         faiss_threads=settings.faiss_threads,
         prefill_codes=settings.prefill_codes,
+        code_cache_size=settings.code_cache_size,
     )
     # Warm-up: builds the lazy id lookups and touches the index before the first request.
     warm = retriever.run_batch([RetrievalJob(features=QueryFeatures({}), k=10)])
@@ -150,16 +153,34 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
 
 
 async def check_pushed_features(link: RedisLink, prefix: str, schema: QuerySchema) -> None:
-    """Warn when the pushed records cannot give the model's queries (too short a history)."""
+    """Warn when the pushed records cannot give the model's queries (too short a history).
+
+    A meta key that cannot be read (not a JSON object, wrong types) is warned about and
+    skipped: it only feeds these warnings, so the service starts all the same.
+    """
+    key = f"{prefix}{META_KEY}"
     try:
-        raw = await link.call(lambda client: client.get(f"{prefix}{META_KEY}"))
+        raw = await link.call(lambda client: client.get(key))
+    except RedisReplyError as exc:
+        logger.warning("the push metadata %r cannot be read (%s); not checked", key, exc.reply)
+        return
     except RedisUnavailableError:
         return
     if raw is None:
         logger.warning("no features pushed under prefix %r yet (`retrieval features push`)", prefix)
         return
-    meta = json.loads(raw)
-    pushed = int(meta.get("history_length", 0))
+    try:
+        meta = json.loads(raw)
+        pushed = int(meta.get("history_length", 0))
+        columns = set(meta.get("columns", []))
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.warning(
+            "the push metadata %r cannot be read (%s: %s); not checked against the model",
+            key,
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        return
     if pushed < schema.history_length:
         logger.warning(
             "pushed histories hold %d items but the model reads %d: `user_id` queries will "
@@ -167,7 +188,7 @@ async def check_pushed_features(link: RedisLink, prefix: str, schema: QuerySchem
             pushed,
             schema.history_length,
         )
-    missing = sorted(set(schema.columns) - set(meta.get("columns", [])))
+    missing = sorted(set(schema.columns) - columns)
     if missing:
         logger.warning("pushed records lack query feature columns %s (they count as null)", missing)
 
@@ -189,9 +210,10 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
     link: RedisLink | None = None
     store: FeatureStore | None = loaded["store"]
     cache: ResponseCache | None = None
-    if settings.redis_url is not None:
+    redis_url = settings.redis_url_value  # the secret, for the clients only
+    if redis_url is not None:
         client = make_client(
-            settings.redis_url_value,
+            redis_url,
             socket_timeout_s=settings.redis_socket_timeout_s,
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=settings.redis_retries,
@@ -207,9 +229,9 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
             logger.warning(
                 "redis at %s is not reachable at start-up; `user_id` queries answer 503 "
                 "until it is",
-                redact_url(settings.redis_url_value),
+                redact_url(redis_url),
             )
-        store = RedisFeatureStore(link, settings.redis_prefix)
+        store = RedisFeatureStore(link, settings.redis_prefix, loaded["schema"])
         await check_pushed_features(link, settings.redis_prefix, loaded["schema"])
         if settings.cache_enabled:
             cache = ResponseCache(
@@ -256,9 +278,9 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
     services.tasks.append(
         loop.create_task(manager.watch_current(settings.index_poll_s), name="watch-current")
     )
-    if settings.redis_url is not None:
+    if redis_url is not None:
         subscriber = make_client(
-            settings.redis_url_value,
+            redis_url,
             socket_timeout_s=max(settings.redis_socket_timeout_s, 5.0),
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=0,
@@ -357,6 +379,18 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     if settings.fast_path:
         app.add_middleware(RetrieveFastPath)  # innermost: admitted, bounded, counted
     app.add_middleware(AdmissionGateMiddleware)  # the body is already bounded
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
+    protected = frozenset(
+        path
+        for router in (retrieve.router, info.router)
+        for route in router.routes
+        if (path := getattr(route, "path", "")).startswith(PROTECTED_PREFIX)
+    )
+    # before any body byte is read: a wrong key costs the service no buffer and no wait
+    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, routes=protected)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401/408/413s
     return app

@@ -8,13 +8,14 @@ with a TTL. A `user_id` query is keyed by the id, so features pushed later are s
 after at most the TTL.
 
 Redis trouble never fails a request: a failed lookup is a miss (counted as an error),
-a failed write is dropped, and while `RedisLink` is backing off the cache is skipped.
+a failed write is dropped (counted as an error too), and while `RedisLink` is backing off
+the cache is skipped. A write that Redis refuses (``OOM`` at `maxmemory`, ``READONLY``
+on a replica) does not put the link into backoff, so `user_id` lookups keep reading.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -94,8 +95,10 @@ class ResponseCache:
         payload = json.dumps(value, separators=(",", ":"))
 
         async def write() -> None:
-            with contextlib.suppress(RedisUnavailableError):
+            try:
                 await self.link.call(lambda client: client.set(key, payload, ex=self.ttl_s))
+            except RedisUnavailableError:  # refused (OOM, READONLY) or unreachable: dropped
+                self._observe("error")
 
         task = asyncio.get_running_loop().create_task(write())
         self._writes.add(task)

@@ -4,12 +4,17 @@ Usage::
 
     retrieval serve --model artifacts/model --index artifacts/index --data data/ml-100k
     retrieval serve --model M --index R --redis-url redis://127.0.0.1:6379/0 --port 8000
+    RETRIEVAL_REDIS_URL_FILE=/run/secrets/redis_url retrieval serve --model M --index R
     RETRIEVAL_API_KEY=... retrieval serve --model M --index R --host 0.0.0.0
     retrieval features push --data data/ml-100k --redis-url redis://127.0.0.1:6379/0 --model M
+    RETRIEVAL_REDIS_URL=redis://:PASSWORD@host:6379/0 retrieval features push --data D --model M
 
 Every `ServiceSettings` field can also come from a `RETRIEVAL_*` environment variable
 (flags win). The API key is read from `RETRIEVAL_API_KEY` only, so it never shows in a
-process listing. Heavy modules are imported inside the handlers.
+process listing. A Redis URL with a password belongs there too: `--redis-url` shows in
+every process listing, so give it as `RETRIEVAL_REDIS_URL`, or as a file
+(`--redis-url-file`, `RETRIEVAL_REDIS_URL_FILE`); `features push` reads the same
+variables when neither flag is given. Heavy modules are imported inside the handlers.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from retrieval.urls import add_redis_url_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +42,20 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         "data_dir": args.data,
         "host": args.host,
         "port": args.port,
-        "redis_url": args.redis_url,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "batch_workers": args.batch_workers,
         "torch_threads": args.torch_threads,
         "faiss_threads": args.faiss_threads,
     }
+    given = {k: v for k, v in given.items() if v is not None}
+    # A Redis flag wins over both Redis variables (the settings refuse a URL and a file).
+    if args.redis_url is not None:
+        given.update(redis_url=args.redis_url, redis_url_file=None)
+    elif args.redis_url_file is not None:
+        given.update(redis_url=None, redis_url_file=args.redis_url_file)
     try:
-        return ServiceSettings(**{k: v for k, v in given.items() if v is not None})
+        return ServiceSettings(**given)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
@@ -71,11 +83,18 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_features_push(args: argparse.Namespace) -> int:
     import redis
 
+    from retrieval.cli import CommandError
     from retrieval.features import DatasetSchema
-    from retrieval.urls import redact_url
+    from retrieval.urls import REDIS_URL_ENV, REDIS_URL_FILE_ENV, redact_url, resolve_redis_url
     from service.feature_store import push_features
     from service.query import QuerySchema
 
+    url = resolve_redis_url(args.redis_url, args.redis_url_file)
+    if url is None:
+        raise CommandError(
+            f"no Redis URL: set {REDIS_URL_ENV} or {REDIS_URL_FILE_ENV}, or give "
+            "--redis-url-file (or --redis-url)"
+        )
     model_version = None
     if args.model is not None:
         from retrieval.bundle import load_bundle
@@ -89,7 +108,7 @@ def run_features_push(args: argparse.Namespace) -> int:
         args.history_length if args.history_length is not None else schema.history_length
     )
     client = redis.Redis.from_url(
-        args.redis_url, socket_timeout=args.timeout, socket_connect_timeout=args.timeout
+        url, socket_timeout=args.timeout, socket_connect_timeout=args.timeout
     )
     try:
         meta = push_features(
@@ -101,9 +120,7 @@ def run_features_push(args: argparse.Namespace) -> int:
             model_version=model_version,
         )
     except redis.RedisError as exc:
-        from retrieval.cli import CommandError
-
-        raise CommandError(f"redis {redact_url(args.redis_url)}: {exc}") from exc
+        raise CommandError(f"redis {redact_url(url)}: {exc}") from exc
     finally:
         client.close()
     print(json.dumps(meta, indent=2))
@@ -124,7 +141,7 @@ def register_serve(subparsers: Any) -> None:
     )
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="bind port (default 8000)")
-    parser.add_argument("--redis-url", help="Redis: feature store, cache, index announcements")
+    add_redis_url_arguments(parser, "Redis: feature store, cache, index announcements")
     parser.add_argument("--max-batch-size", type=int, help="queries per batch (default 64)")
     parser.add_argument("--max-wait-ms", type=float, help="batch wait after its first query")
     parser.add_argument(
@@ -145,7 +162,7 @@ def register_features(subparsers: Any) -> None:
         help="write users' features, history and seen items (train+valid) to Redis",
     )
     push.add_argument("--data", required=True, type=Path, help="dataset directory")
-    push.add_argument("--redis-url", required=True, help="redis://host:port/db")
+    add_redis_url_arguments(push, "redis://host:port/db to write to")
     push.add_argument(
         "--model", type=Path, help="model bundle: its columns and history length (default: schema)"
     )

@@ -8,7 +8,6 @@ thread pool, a thread hop per dependency per request.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -24,7 +23,7 @@ from service.errors import NotReadyError, UnauthorizedError
 from service.feature_store import FeatureStore
 from service.index_manager import IndexManager
 from service.metrics import ServiceMetrics
-from service.middleware import AdmissionLimiter
+from service.middleware import UNAUTHORIZED_MESSAGE, AdmissionLimiter, api_key_matches
 from service.query import QuerySchema
 from service.redis_link import RedisLink
 from service.retriever import RetrievalJob, RetrievalResult, Retriever
@@ -94,9 +93,11 @@ API_KEY_HEADER = APIKeyHeader(
 async def require_api_key(
     request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)] = None
 ) -> None:
-    """401 unless `X-API-Key` matches the configured key (constant-time comparison)."""
+    """401 unless `X-API-Key` matches the configured key (constant-time comparison).
+
+    `service.middleware.APIKeyMiddleware` has already refused a wrong key from the headers
+    (before the body was read); this check keeps every route safe on its own.
+    """
     expected = (await get_settings(request)).api_key
-    if expected is None:
-        return
-    if not hmac.compare_digest((given or "").encode(), expected.get_secret_value().encode()):
-        raise UnauthorizedError("missing or invalid API key")
+    if not api_key_matches(given.encode() if given is not None else None, expected):
+        raise UnauthorizedError(UNAUTHORIZED_MESSAGE)

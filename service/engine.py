@@ -8,7 +8,8 @@ route handlers add the admission limit and the request deadline around both.
 A `user_id` request is built exactly like the offline evaluation's query: the stored
 raw features and the last N train+valid items (most recent first) go through the same
 checks and the bundle's encoder as an inline query, and `exclude_seen` drops the user's
-train+valid items.
+train+valid items: the most recent `ServiceSettings.max_seen_ids` of them (`seen_to_exclude`),
+so one user with a long past cannot make a search arbitrarily deep.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ from service.schemas import RetrieveRequest
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+
+def seen_to_exclude(record: UserRecord, max_seen_ids: int) -> Sequence[str]:
+    """The seen items an `exclude_seen` query drops: the last `max_seen_ids` of
+    `record.seen` (kept in first-seen order, so these are the most recent).
+
+    >>> record = UserRecord(features={}, history=(), seen=("a", "b", "c"))
+    >>> seen_to_exclude(record, 2), seen_to_exclude(record, 0), seen_to_exclude(record, 5)
+    (('b', 'c'), (), ('a', 'b', 'c'))
+    """
+    seen = record.seen
+    return seen[max(0, len(seen) - max_seen_ids) :]
 
 
 @dataclass(frozen=True)
@@ -157,7 +170,7 @@ class RetrievalEngine:
             )
         exclude = set(request.exclude_ids)
         if request.exclude_seen and record is not None:
-            exclude.update(record.seen)
+            exclude.update(seen_to_exclude(record, self.settings.max_seen_ids))
         cache_request = {
             "q": features.canonical() if request.query is not None else None,
             "u": request.user_id,

@@ -17,6 +17,10 @@ error                       status  when
 `NotReadyError`             503     model or index not loaded, or draining
 `DependencyError`           503     Redis (feature store) unavailable (Retry-After)
 `DeadlineExceededError`     504     the request ran past `request_timeout_s`
+`QueryEmbeddingError`       500     the query tower gave a non-finite embedding
+`SearchResultError`         500     the index answered a query with invalid rows
+`FeatureStoreCorruptError`  500     a stored user record is unreadable or invalid
+`BodyTimeoutError`          408     the body took over `body_timeout_s` to arrive
 ==========================  ======  ==========================================
 
 Example:
@@ -125,6 +129,39 @@ class DeadlineExceededError(ServiceError):
 
     status_code = 504
     code = "deadline_exceeded"
+
+
+class QueryEmbeddingError(ServiceError):
+    """The query tower gave this query a non-finite embedding (500); the other queries of
+    its micro-batch are answered as usual."""
+
+    status_code = 500
+    code = "embedding_failed"
+
+
+class SearchResultError(ServiceError):
+    """The index answered this query with rows outside the catalog or non-finite scores
+    (500); the other queries of its micro-batch are answered as usual."""
+
+    status_code = 500
+    code = "search_failed"
+
+
+class BodyTimeoutError(ServiceError):
+    """The request body did not arrive within `body_timeout_s` of its headers (408; the
+    connection is closed)."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
+class FeatureStoreCorruptError(ServiceError):
+    """A user record in the feature store is not what `retrieval features push` writes
+    (not JSON, wrong types, values the query checks refuse): the stored data is at fault,
+    never the request (500; the message names the key)."""
+
+    status_code = 500
+    code = "feature_store_corrupt"
 
 
 def error_response(error: ServiceError) -> Response:

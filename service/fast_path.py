@@ -10,19 +10,20 @@ middleware that answers well-formed retrieval requests itself with the route's o
 `service.errors`.
 
 Everything else goes to the FastAPI app, which then answers as it always does: another
-path or method, a content type other than JSON, a missing or wrong API key, a body that
-is not a JSON object or does not validate as `RetrieveRequest` (the 422 messages come
-from one place). A request is only handed over before any work was done for it, with
-its body replayed. The OpenAPI document still describes the route.
+path or method, a content type other than JSON, a missing or wrong API key (refused
+before by `service.middleware.APIKeyMiddleware`; checked here too, so this path never
+answers without it), a body that is not a JSON object or does not validate as
+`RetrieveRequest` (the 422 messages come from one place). A request is only handed over
+before any work was done for it, with its body replayed. The OpenAPI document still
+describes the route.
 
-It sits innermost, inside the admission gate, the body size limit and the metrics
-middleware, so those apply to both paths; the route label of its answers is
+It sits innermost, inside the admission gate, the body limits, the API key check and the
+metrics middleware, so those apply to both paths; the route label of its answers is
 ``/v1/retrieve``.
 """
 
 from __future__ import annotations
 
-import hmac
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError, service_error_answer, unexpected_answer
-from service.middleware import replay_body
+from service.middleware import api_key_matches, replay_body
 from service.routes.retrieve import retrieve_one
 from service.schemas import RetrieveRequest
 
@@ -64,10 +65,7 @@ class RetrieveFastPath:
                 api_key = value
         if content_type is None or not _is_json(content_type):
             return None
-        expected = services.settings.api_key
-        if expected is not None and not hmac.compare_digest(
-            api_key or b"", expected.get_secret_value().encode()
-        ):
+        if not api_key_matches(api_key, services.settings.api_key):
             return None
         return services
 

@@ -14,6 +14,12 @@ Two stores answer `get_user(user_id) -> UserRecord | None`:
 
 Both build records with `iter_user_records`, so the embedded store and a pushed Redis
 hold the same values.
+
+What Redis holds is checked as it is read: a value that is not such a record (not JSON,
+`features` not an object, `history` or `seen` not lists of ids, a stored feature value
+the query checks refuse, a key of another Redis type) is the store's fault, answered
+with `FeatureStoreCorruptError` (500, code ``feature_store_corrupt``, naming the key),
+never a 422 that blames the request; each corrupt key is logged once.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from retrieval.data.dataset import load_dataset
 from retrieval.features import ITEM_ID, SPLIT, USER_ID
-from service.errors import DependencyError
-from service.redis_link import RedisLink, RedisUnavailableError
+from service.errors import DependencyError, FeatureStoreCorruptError, InvalidRequestError
+from service.query import QuerySchema, normalize_query
+from service.redis_link import RedisLink, RedisReplyError, RedisUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,21 @@ CONTEXT_SPLITS = ("train", "valid")  # what a served user's query may see (not '
 USER_KEY = "user:"
 META_KEY = "features:meta"
 PUSH_CHUNK = 1000  # users per Redis pipeline round trip
+_MAX_LOGGED_CORRUPT_KEYS = 10_000  # corrupt keys remembered so that each is logged once
+
+
+class CorruptRecordError(ValueError):
+    """A stored value is not a user record; the message says what is wrong with it."""
+
+
+class _StoredRecord(BaseModel):
+    """The JSON a user record is stored as (`UserRecord.to_json`), checked strictly."""
+
+    model_config = ConfigDict(strict=True)  # other keys are ignored
+
+    features: dict[str, Any]
+    history: list[str]
+    seen: list[str]
 
 
 @dataclass(frozen=True)
@@ -66,12 +89,28 @@ class UserRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> UserRecord:
-        data = json.loads(text)
-        return cls(
-            features=dict(data["features"]),
-            history=tuple(data["history"]),
-            seen=tuple(data["seen"]),
-        )
+        """The record `to_json` wrote.
+
+        Raises:
+            CorruptRecordError: `text` is not JSON, or not an object with `features` (an
+                object), `history` and `seen` (lists of item ids).
+
+        >>> UserRecord.from_json('{"features": {}, "history": ["a"], "seen": ["a"]}').history
+        ('a',)
+        >>> UserRecord.from_json('{"features": [], "history": [], "seen": []}')
+        Traceback (most recent call last):
+        ...
+        service.feature_store.CorruptRecordError: `features`: Input should be an object
+        """
+        try:
+            data = _StoredRecord.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            if first["type"] == "json_invalid":
+                raise CorruptRecordError(f"not JSON ({first['msg']})") from None
+            raise CorruptRecordError(f"`{where or 'record'}`: {first['msg']}") from None
+        return cls(features=data.features, history=tuple(data.history), seen=tuple(data.seen))
 
 
 class FeatureStore(Protocol):
@@ -170,18 +209,56 @@ class InProcessFeatureStore:
 
 
 class RedisFeatureStore:
-    """Reads user records pushed by `push_features` (one GET per lookup)."""
+    """Reads user records pushed by `push_features` (one GET per lookup).
+
+    Args:
+        link: the shared Redis link.
+        prefix: key prefix (as the push's).
+        schema: the model's query schema: when given, a record's stored features and
+            history are checked as a query is (`service.query.normalize_query`), so a
+            value the model cannot take is reported as the store's fault.
+    """
 
     kind = "redis"
 
-    def __init__(self, link: RedisLink, prefix: str) -> None:
+    def __init__(self, link: RedisLink, prefix: str, schema: QuerySchema | None = None) -> None:
         self.link = link
         self.prefix = prefix
+        self.schema = schema
+        self._logged_corrupt: set[str] = set()
+
+    def _corrupt(self, key: str, reason: str) -> FeatureStoreCorruptError:
+        if key not in self._logged_corrupt and len(self._logged_corrupt) < _MAX_LOGGED_CORRUPT_KEYS:
+            self._logged_corrupt.add(key)
+            logger.error("feature store record %r is corrupt: %s", key, reason)
+        return FeatureStoreCorruptError(
+            f"the feature store record {key!r} is corrupt ({reason}); push the user's "
+            "features again (`retrieval features push`)"
+        )
+
+    def _check(self, key: str, record: UserRecord) -> None:
+        """The stored features and history pass the query checks (else: corrupt)."""
+        if self.schema is None:
+            return
+        raw = dict(record.features)
+        if self.schema.history_name is not None:
+            raw[self.schema.history_name] = list(record.history)
+        try:
+            normalize_query(raw, self.schema, field="features")
+        except InvalidRequestError as exc:
+            raise self._corrupt(key, exc.message) from None
 
     async def get_user(self, user_id: str) -> UserRecord | None:
         key = f"{self.prefix}{USER_KEY}{user_id}"
         try:
             raw = await self.link.call(lambda client: client.get(key))
+        except RedisReplyError as exc:
+            if exc.reply.startswith("WRONGTYPE"):
+                raise self._corrupt(key, "the key holds another Redis type than a string") from None
+            raise DependencyError(
+                f"the feature store (Redis) refused to read {key!r} ({exc.reply[:120]})",
+                retry_after_s=max(1, math.ceil(self.link.down_backoff_s)),
+            ) from None
         except RedisUnavailableError as exc:
             raise DependencyError(
                 "the feature store (Redis) is unavailable, so `user_id` queries cannot be "
@@ -190,7 +267,12 @@ class RedisFeatureStore:
             ) from exc
         if raw is None:
             return None
-        return UserRecord.from_json(raw)
+        try:
+            record = UserRecord.from_json(raw)
+        except CorruptRecordError as exc:
+            raise self._corrupt(key, str(exc)) from None
+        self._check(key, record)
+        return record
 
     async def close(self) -> None:
         return None  # the link is closed by its owner

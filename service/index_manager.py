@@ -6,8 +6,13 @@ worker thread (every file checked against its manifest's sha256 by
 output dim; with `require_model_match`, the manifest's model checksum equal to the
 bundle's), and only then replaces `current` with one reference assignment. A batch
 reads `current` once, so every answer comes from exactly one version, and in-flight
-batches finish on the version they started with. A failed load logs the reason, counts
-in `retrieval_index_swaps_total{result="failed"}` and leaves the old version serving.
+batches finish on the version they started with. `load_index_version` also checks what
+the serving path relies on (ids unique non-null strings, labels that are row positions, a
+probe search), so a version that would answer wrongly is refused before the swap, not
+after. Any failure of a load, or of reading CURRENT, whatever its exception type, logs one
+line, counts once in `retrieval_index_swaps_total{result="failed"}` and leaves the old
+version serving; the same failure seen again on the next poll is neither logged nor
+counted again.
 
 Triggers:
     * `watch_current`: reads ``INDEX_ROOT/CURRENT`` every `poll_s` (always on; CURRENT is
@@ -111,6 +116,9 @@ class IndexManager:
         self.last_error: str | None = None
         self.swaps_ok = 0
         self.swaps_failed = 0
+        self.checks = 0  # reads of CURRENT by `check_current` (polls and announcements)
+        self._current_error: str | None = None  # the CURRENT read failure already counted
+        self._watcher_error: str | None = None  # the watcher error already logged
         self._on_swap = on_swap
         self.list_scanner = list_scanner
         self._lock = asyncio.Lock()
@@ -131,7 +139,8 @@ class IndexManager:
                 f"index version {loaded.version!r} has dim {loaded.dim}; the model's output "
                 f"dim is {self.model_dim}"
             )
-        built_with = (loaded.manifest.get("model") or {}).get("checksum")
+        model_section = loaded.manifest.get("model")
+        built_with = model_section.get("checksum") if isinstance(model_section, dict) else None
         if self.require_model_match and built_with != self.model_checksum:
             raise IndexMismatchError(
                 f"index version {loaded.version!r} was built from model bundle "
@@ -172,9 +181,10 @@ class IndexManager:
         async with self._lock:
             try:
                 target = version or await asyncio.to_thread(read_current, self.root)
-            except (FileNotFoundError, IndexStoreError) as exc:
-                self._fail(None, exc)
+            except Exception as exc:  # any failure to read CURRENT is counted, never raised
+                self._fail_current(exc)
                 return False
+            self._current_error = None
             if self.current is not None and target == self.current.version:
                 self.last_attempted = target
                 return False
@@ -182,7 +192,7 @@ class IndexManager:
             started = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(self.load, target)
-            except (FileNotFoundError, IndexStoreError, ValueError, RuntimeError, OSError) as exc:
+            except Exception as exc:  # whatever a bad version raises, the old one serves
                 self._fail(target, exc)
                 return False
             previous = self.current.version if self.current is not None else None
@@ -197,25 +207,43 @@ class IndexManager:
             return True
 
     def _fail(self, target: str | None, exc: BaseException) -> None:
+        """Count and log one failed attempt (one line; the traceback only at DEBUG, and
+        only for exception types that no check raises on purpose)."""
         self.swaps_failed += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         serving = self.current.version if self.current is not None else None
         logger.error(
             "index swap to %s failed, still serving %s: %s", target, serving, self.last_error
         )
+        if not isinstance(exc, FileNotFoundError | IndexStoreError):
+            logger.debug("traceback of the failed swap to %s", target, exc_info=exc)
         if self._on_swap is not None:
             self._on_swap(False, target or "", 0)
+
+    def _fail_current(self, exc: BaseException) -> None:
+        """A failure to read CURRENT: counted and logged once while it stays the same."""
+        error = f"{type(exc).__name__}: {exc}"
+        if error == self._current_error:
+            return
+        self._current_error = error
+        self._fail(None, exc)
 
     # ------------------------------------------------------------------ triggers
 
     async def check_current(self) -> bool:
-        """Swap when CURRENT names a version other than the last one tried."""
+        """Swap when CURRENT names a version other than the last one tried.
+
+        A CURRENT that cannot be read (missing, not UTF-8, not a version name) counts as
+        one failed swap until it changes; a version that failed is not tried again until
+        CURRENT names another one.
+        """
+        self.checks += 1
         try:
             target = await asyncio.to_thread(read_current, self.root)
-        except (FileNotFoundError, IndexStoreError, OSError) as exc:
-            if self.last_error is None:
-                self._fail(None, exc)
+        except Exception as exc:  # any failure to read CURRENT is counted, never raised
+            self._fail_current(exc)
             return False
+        self._current_error = None
         if target == self.last_attempted:
             return False
         return await self.swap_to(target)
@@ -226,8 +254,13 @@ class IndexManager:
             await asyncio.sleep(poll_s)
             try:
                 await self.check_current()
-            except Exception:  # the watcher must survive anything
-                logger.exception("index watcher error")
+            except Exception as exc:  # the watcher must survive anything; log it once
+                error = f"{type(exc).__name__}: {exc}"
+                if error != self._watcher_error:
+                    self._watcher_error = error
+                    logger.exception("index watcher error")
+            else:
+                self._watcher_error = None
 
     async def watch_redis(self, client: Any, channel: str = PUBLISH_CHANNEL) -> None:
         """Follow the index job's announcements (cancel the task to stop).

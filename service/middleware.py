@@ -1,9 +1,16 @@
-"""Pure ASGI middlewares: request body size limit and HTTP metrics; the admission limit.
+"""Pure ASGI middlewares: API key, request body size and time limits, HTTP metrics; the
+admission limit.
+
+`APIKeyMiddleware` answers 401 to a /v1 request without the right ``X-API-Key`` from its
+headers alone, before a byte of its body is read (the connection is then closed), so a
+client without the key cannot make the service buffer or wait for anything.
 
 `BodySizeLimitMiddleware` answers 413 before the application parses anything: at once
 when ``Content-Length`` is over the limit, otherwise while reading, counting the bytes
-of every body chunk (so a chunked body without a length is caught too). The body is
-read in full (it is bounded) and replayed to the application.
+of every body chunk (so a chunked body without a length is caught too). A body that has
+not fully arrived `timeout_s` after the headers gets 408 and its connection is closed,
+so slow senders cannot hold buffers and connections open. The body is read in full (it
+is bounded in size and time) and replayed to the application.
 
 `MetricsMiddleware` sits outside everything else, so 401, 413 and 429 answers are
 counted too; the route label is the route's path template (``other`` for unknown paths,
@@ -16,18 +23,53 @@ from `AdmissionGateMiddleware` before anything is parsed when the bound is alrea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import OverloadedError, PayloadTooLargeError, ServiceError, error_bytes
+from service.errors import (
+    BodyTimeoutError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServiceError,
+    UnauthorizedError,
+    error_bytes,
+)
 from service.metrics import ServiceMetrics
 
 RETRIEVAL_PATHS = ("/v1/retrieve", "/v1/retrieve/batch")
+PROTECTED_PREFIX = "/v1/"  # what the API key guards
+UNAUTHORIZED_MESSAGE = "missing or invalid API key"  # the same for a missing and a wrong key
+
+
+def api_key_matches(given: bytes | None, expected: SecretStr | None) -> bool:
+    """Whether `given` (the ``X-API-Key`` header's bytes) is the configured key, compared in
+    constant time; any request matches when no key is configured.
+
+    >>> key = SecretStr("0123456789abcdef")
+    >>> api_key_matches(b"0123456789abcdef", key), api_key_matches(None, key)
+    (True, False)
+    >>> api_key_matches(None, None)
+    True
+    """
+    if expected is None:
+        return True
+    return hmac.compare_digest(given or b"", expected.get_secret_value().encode())
+
+
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), as Starlette reads headers."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
 class AdmissionLimiter:
@@ -127,16 +169,65 @@ class AdmissionGateMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodySizeLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413 before the app sees them."""
+class APIKeyMiddleware:
+    """401 for a /v1 request whose ``X-API-Key`` header is missing or wrong, from the headers.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    It sits outside the body limits: the body of a refused request is never read, and the
+    connection is closed after the answer. `service.dependencies.require_api_key` checks
+    the same key again on the routes (and declares it in the OpenAPI document).
+
+    Args:
+        app: the next ASGI application.
+        api_key: the configured key (None: nothing is checked).
+        routes: the route templates under /v1 (the metrics' route label of a 401).
+    """
+
+    def __init__(
+        self, app: ASGIApp, api_key: SecretStr | None, routes: frozenset[str] = frozenset()
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.api_key is not None
+            and scope["type"] == "http"
+            and scope["path"].startswith(PROTECTED_PREFIX)
+            and not api_key_matches(first_header(scope, b"x-api-key"), self.api_key)
+        ):
+            if scope["path"] in self.routes:
+                scope["route"] = SimpleNamespace(path=scope["path"])  # the metrics' label
+            await _send_error(send, UnauthorizedError(UNAUTHORIZED_MESSAGE))
+            return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413, and bodies slower than `timeout_s` with 408,
+    before the app sees them.
+
+    Args:
+        app: the next ASGI application.
+        max_bytes: the largest body accepted.
+        timeout_s: the longest a body may take to arrive after the headers (None: no limit).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self, size: str) -> PayloadTooLargeError:
         return PayloadTooLargeError(
             f"request body is {size} bytes; the limit is {self.max_bytes} bytes"
+        )
+
+    def _too_slow(self, received: int) -> BodyTimeoutError:
+        assert self.timeout_s is not None
+        return BodyTimeoutError(
+            f"the request body did not arrive within {self.timeout_s:g} s "
+            f"({received} bytes received)"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -154,18 +245,26 @@ class BodySizeLimitMiddleware:
                     return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(send, self._too_large(f"more than {self.max_bytes}"))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        refusal: ServiceError | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its body
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        refusal = self._too_large(f"more than {self.max_bytes}")
+                        break
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            refusal = self._too_slow(size)
+        if refusal is not None:
+            await _send_error(send, refusal)  # and the connection is closed
+            return
         await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
 

@@ -27,7 +27,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from retrieval.features import FeatureKind
-from service.query import LIST_KINDS, MAX_BAG_TOKENS, MAX_TOKEN_CHARS, SCALAR_KINDS, QuerySchema
+from service.query import (
+    LIST_KINDS,
+    MAX_BAG_TOKENS,
+    MAX_TOKEN_CHARS,
+    SCALAR_KINDS,
+    QuerySchema,
+    dense_bounds,
+)
 from service.settings import ServiceSettings
 
 # A categorical or hashed value: what `service.query._scalar_text` accepts.
@@ -40,11 +47,14 @@ _SCALAR: dict[str, Any] = {
 }
 
 
-def feature_schema(kind: FeatureKind, max_history: int) -> dict[str, Any]:
-    """The JSON schema of one inline query feature of `kind` (see `service.query`).
+def feature_schema(
+    kind: FeatureKind, max_history: int, bounds: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """The JSON schema of one inline query feature of `kind` (see `service.query`);
+    `bounds` is a dense feature's accepted interval (`service.query.dense_bounds`).
 
-    >>> feature_schema(FeatureKind.DENSE, 10)
-    {'anyOf': [{'type': 'number'}, {'type': 'boolean'}, {'type': 'null'}]}
+    >>> feature_schema(FeatureKind.DENSE, 10, (-1.5, 2.0))
+    {'anyOf': [{'type': 'number', 'minimum': -1.5, 'maximum': 2.0}, {'type': 'boolean'}, {'type': 'null'}]}
     """
     if kind in SCALAR_KINDS:
         return {"anyOf": [*copy.deepcopy(_SCALAR["anyOf"]), {"type": "null"}]}
@@ -64,14 +74,17 @@ def feature_schema(kind: FeatureKind, max_history: int) -> dict[str, Any]:
             ],
             "description": "Catalog item ids, most recent first.",
         }
-    # dense: any JSON number (JSON has no NaN or infinity), a bool as 0/1, or null (missing)
-    return {"anyOf": [{"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+    # dense: a JSON number in bounds (JSON has no NaN or infinity), a bool as 0/1, or null
+    low, high = bounds if bounds is not None else dense_bounds(None)
+    number = {"type": "number", "minimum": low, "maximum": high}
+    return {"anyOf": [number, {"type": "boolean"}, {"type": "null"}]}
 
 
 def query_object_schema(schema: QuerySchema, max_history: int) -> dict[str, Any]:
     """The ``query`` object of a request for the loaded model: its features and no others."""
     properties = {
-        column: feature_schema(spec.kind, max_history) for column, spec in schema.columns.items()
+        column: feature_schema(spec.kind, max_history, dense_bounds(schema.dense_stats.get(column)))
+        for column, spec in schema.columns.items()
     }
     if schema.history_name is not None:
         properties[schema.history_name] = feature_schema(FeatureKind.HISTORY, max_history)

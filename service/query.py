@@ -11,15 +11,19 @@ kind               accepted JSON                               becomes
 categorical        string, integer (decimal text), bool, null  vocabulary code; unknown
 hashed             string, integer, bool, null                 -> OOV (as the encoder)
 bag, hashed_bag    list of strings/integers, or null           codes of the first tokens
-dense              finite number, or null (missing)            standardised (train stats)
+dense              number within `dense_bounds`, or null       standardised (train stats)
 history            list of item ids (strings/integers)         first N ids, unknown -> OOV
 =================  ==========================================  ==========================
 
 A feature left out counts as null (categorical -> OOV, bag -> empty, dense -> missing).
 An unknown feature *name*, a value of the wrong type, NaN or infinity is refused with
-`InvalidRequestError` naming the field. The feature store's records go through the same
-checks, then both are encoded by the model bundle's own `FeatureEncoder`, so a query
-built from a `user_id` is encoded exactly as `retrieval.evaluation` encodes it offline.
+`InvalidRequestError` naming the field, and so is a dense value outside `dense_bounds`:
+beyond float32's range (|x| > 3.4028235e38), or, with the train statistics known
+(`QuerySchema.from_encoder`), more than `MAX_STANDARDISED` standard deviations from the
+train mean (the OpenAPI document publishes the same interval per feature). The
+feature store's records go through the same checks, then both are encoded by the model
+bundle's own `FeatureEncoder`, so a query built from a `user_id` is encoded exactly as
+`retrieval.evaluation` encodes it offline.
 
 Example:
     >>> from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
@@ -44,8 +48,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +62,13 @@ import numpy.typing as npt
 import pyarrow as pa
 import torch
 
-from retrieval.encoders import FeatureEncoder, encode_dense, stable_hash_bucket
+from retrieval.encoders import (
+    OOV_INDEX,
+    DenseStats,
+    FeatureEncoder,
+    encode_dense,
+    stable_hash_bucket,
+)
 from retrieval.features import FeatureKind, FeatureSpec
 from service.errors import InvalidRequestError
 
@@ -63,6 +76,28 @@ SCALAR_KINDS = frozenset({FeatureKind.CATEGORICAL, FeatureKind.HASHED})
 LIST_KINDS = frozenset({FeatureKind.BAG, FeatureKind.HASHED_BAG})
 MAX_TOKEN_CHARS = 1024  # longest string value accepted in a feature
 MAX_BAG_TOKENS = 1024  # longest list accepted in a bag feature
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38: the tower computes in float32
+# Most train standard deviations a dense value may lie from the train mean. Farther is no
+# measurement but garbage, and the tower's cross layers multiply the input by itself
+# (x0 * (W x + b)): a value near float32's limit overflows them, one that passes this
+# bound does not (1e6 cubed through three cross layers is 1e18).
+MAX_STANDARDISED = 1e6
+
+
+def dense_bounds(stats: DenseStats | None) -> tuple[float, float]:
+    """The closed interval a dense query value must lie in (the OpenAPI document says so
+    too): within float32, and at most `MAX_STANDARDISED` train standard deviations from
+    the train mean when the statistics are known.
+
+    >>> dense_bounds(DenseStats(mean=30.0, std=10.0))
+    (-9999970.0, 10000030.0)
+    >>> dense_bounds(None) == (-FLOAT32_MAX, FLOAT32_MAX)
+    True
+    """
+    if stats is None:
+        return -FLOAT32_MAX, FLOAT32_MAX
+    spread = MAX_STANDARDISED * stats.std
+    return max(-FLOAT32_MAX, stats.mean - spread), min(FLOAT32_MAX, stats.mean + spread)
 
 
 @dataclass(frozen=True)
@@ -73,14 +108,20 @@ class QuerySchema:
         columns: users.parquet column -> the (non-history) feature reading it.
         history_name: name of the history feature (the JSON key), or None.
         history_length: N, items of history the tower reads (0 without history).
+        dense_stats: column -> train statistics of a dense feature; they bound what the
+            feature accepts (`dense_bounds`; empty: only float32's range is checked).
     """
 
     columns: Mapping[str, FeatureSpec]
     history_name: str | None
     history_length: int
+    dense_stats: Mapping[str, DenseStats] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_schema(cls, schema: Any) -> QuerySchema:
+    def from_schema(
+        cls, schema: Any, dense_stats: Mapping[str, DenseStats] | None = None
+    ) -> QuerySchema:
+        """The query schema of a `DatasetSchema`; `dense_stats` is keyed by feature name."""
         columns: dict[str, FeatureSpec] = {}
         history_name, history_length = None, 0
         for spec in schema.query_features:
@@ -88,7 +129,28 @@ class QuerySchema:
                 history_name, history_length = spec.name, spec.max_length
             else:
                 columns[spec.source_column] = spec
-        return cls(columns=columns, history_name=history_name, history_length=history_length)
+        stats = {
+            column: dense_stats[spec.name]
+            for column, spec in columns.items()
+            if dense_stats is not None and spec.name in dense_stats
+        }
+        return cls(
+            columns=columns,
+            history_name=history_name,
+            history_length=history_length,
+            dense_stats=stats,
+        )
+
+    @classmethod
+    def from_encoder(cls, encoder: FeatureEncoder) -> QuerySchema:
+        """The query schema of a fitted encoder, with its dense features' train statistics
+        (so a value too far from the train data is refused up front: `dense_bounds`)."""
+        dense = {
+            spec.name: encoder.dense_stats("query", spec.name)
+            for spec in encoder.schema.query_features
+            if spec.kind == FeatureKind.DENSE
+        }
+        return cls.from_schema(encoder.schema, dense)
 
     @property
     def known(self) -> list[str]:
@@ -166,7 +228,45 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_value(spec: FeatureSpec, value: Any, field: str) -> Any:
+def _check_dense(value: Any, field: str, stats: DenseStats | None) -> float | None:
+    """A dense value as a float the float32 tower can hold, or None (missing)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, int | float):
+        raise InvalidRequestError(
+            f"`{field}` (dense) must be a number or null; got {type(value).__name__} "
+            f"{_short(value)}",
+            field=field,
+        )
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float64 range
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequestError(
+            f"`{field}` (dense) must be a finite number (send null for a missing value); "
+            f"got {_short(value)}",
+            field=field,
+        )
+    low, high = dense_bounds(stats)
+    if not low <= number <= high:
+        where = (
+            f"{MAX_STANDARDISED:.0e} train standard deviations of the train mean (mean "
+            f"{stats.mean:.6g}, std {stats.std:.6g})"
+            if stats is not None
+            else "float32 range"
+        )
+        raise InvalidRequestError(
+            f"`{field}` (dense) must be in [{low:.8g}, {high:.8g}] (within {where}); "
+            f"got {_short(value)}",
+            field=field,
+        )
+    return number
+
+
+def _check_value(spec: FeatureSpec, value: Any, field: str, stats: DenseStats | None = None) -> Any:
     kind = spec.kind
     if kind in SCALAR_KINDS:
         return _scalar_text(value, field)
@@ -191,27 +291,7 @@ def _check_value(spec: FeatureSpec, value: Any, field: str) -> Any:
             for i, token in enumerate(value)
         ]
     if kind == FeatureKind.DENSE:
-        if value is None:
-            return None
-        if isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, int | float):
-            raise InvalidRequestError(
-                f"`{field}` (dense) must be a number or null; got {type(value).__name__} "
-                f"{_short(value)}",
-                field=field,
-            )
-        try:
-            number = float(value)
-        except OverflowError:  # an integer beyond the float range
-            number = math.inf
-        if not math.isfinite(number):
-            raise InvalidRequestError(
-                f"`{field}` (dense) must be a finite number (send null for a missing value); "
-                f"got {value!r}",
-                field=field,
-            )
-        return number
+        return _check_dense(value, field, stats)
     raise InvalidRequestError(f"`{field}`: feature kind {kind} cannot be sent", field=field)
 
 
@@ -253,8 +333,9 @@ def normalize_query(
     """Check an inline query (or a feature store record) against the query schema.
 
     Raises:
-        InvalidRequestError: unknown feature name, wrong type, non-finite dense value,
-            over-long value; the message names the field (``query.<name>``).
+        InvalidRequestError: unknown feature name, wrong type, non-finite dense value or
+            one outside `dense_bounds`, over-long value; the message
+            names the field (``query.<name>``).
     """
     if not isinstance(raw, Mapping):
         raise InvalidRequestError(
@@ -272,7 +353,7 @@ def normalize_query(
                 f"unknown query feature {name!r}; known features: {schema.known}",
                 field=f"{field}.{name}",
             )
-        checked = _check_value(spec, value, f"{field}.{name}")
+        checked = _check_value(spec, value, f"{field}.{name}", schema.dense_stats.get(name))
         if checked is not None:
             values[name] = checked
     return QueryFeatures(values=values, history=history)
@@ -282,59 +363,106 @@ class _CodeCache:
     """Value -> code of one vocabulary or hash space, filled from the encoder's own lookups.
 
     Codes always come from the encoder (`Vocabulary.lookup` or `stable_hash_bucket`, one
-    call per batch for the values not seen before), so they are exactly the encoder's;
-    the dict only saves the per-call overhead of those lookups on small serving batches.
-    At most `capacity` values are kept (later misses are looked up every time).
+    call per batch for the values not cached), so they are exactly the encoder's; the
+    cache only saves the per-call overhead of those lookups on small serving batches.
+    It has two parts, both bounded:
 
-    `prefill` looks a vocabulary's values up in one call when the service starts, so the
-    first query naming a value does not pay for an Arrow lookup (~0.7 ms per batch on the
-    2-core machine, most of a cold batch's encoding). When the whole vocabulary fits, a
-    value missing from the cache is not in the vocabulary: it gets the code the encoder
-    gives null, OOV (`Vocabulary.lookup` maps unknown and null values alike), without a
-    lookup.
+    * the prefilled vocabulary: `prefill` looks null and the vocabulary's first values (up
+      to `capacity` in all) up in one call when the service starts and keeps them, so the
+      first query naming a value does not pay for an Arrow lookup (~0.7 ms per batch on
+      the 2-core machine, most of a cold batch's encoding). When the whole vocabulary
+      fits, a value missing from it is not in the vocabulary: it gets the code the
+      encoder gives null, OOV (`Vocabulary.lookup` maps unknown and null values alike),
+      without a lookup and without an entry.
+    * the values looked up while serving (hash-space values, and vocabulary values
+      outside the prefilled part): at most `recent_capacity`, the least recently used
+      dropped first. A value the vocabulary does not know (its code is `unknown_code`)
+      is never kept: clients may send any number of distinct unknown values.
+
+    Batches run on several worker threads at once, so the second part's reads and
+    updates hold a lock (the encoder's lookups do not).
+
+    Args:
+        lookup: values -> codes (the encoder's own function).
+        capacity: most values `prefill` keeps, null included.
+        recent_capacity: most values kept from the lookups made while serving (0: none).
+        unknown_code: the code of a value the vocabulary does not know (OOV), never kept;
+            None for a hash space, where every value has a bucket of its own.
     """
 
-    def __init__(self, lookup: Callable[[pa.Array], npt.NDArray[np.int64]], capacity: int) -> None:
+    def __init__(
+        self,
+        lookup: Callable[[pa.Array], npt.NDArray[np.int64]],
+        capacity: int,
+        recent_capacity: int,
+        unknown_code: int | None,
+    ) -> None:
         self._lookup = lookup
-        self._codes: dict[str | None, int] = {}
-        self._unknown: int | None = None  # set when every vocabulary value is cached
+        self._prefilled: dict[str | None, int] = {}  # kept for good (null among them)
+        self._recent: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._unknown: int | None = None  # set when every vocabulary value is prefilled
+        self._lock = threading.Lock()
         self.capacity = capacity
+        self.recent_capacity = recent_capacity
+        self.unknown_code = unknown_code
 
     def __len__(self) -> int:
-        return len(self._codes)
+        return len(self._prefilled) + len(self._recent)
 
     def prefill(self, values: pa.Array) -> None:
-        """Cache the codes of null (a missing value) and of `values` (the first ones, up to
+        """Keep the codes of null (a missing value) and of `values` (the first ones, up to
         the room left)."""
-        room = self.capacity - len(self._codes)
+        room = self.capacity - len(self._prefilled)
         if room <= 0:
             return
         head = pa.concat_arrays([pa.nulls(1, type=values.type), values.slice(0, room - 1)])
         codes = self._lookup(head)
-        self._codes.update(zip(head.to_pylist(), codes.tolist(), strict=True))
+        with self._lock:
+            self._prefilled.update(zip(head.to_pylist(), codes.tolist(), strict=True))
         if len(head) == len(values) + 1:
             self._unknown = int(codes[0])
 
     def codes(self, values: Sequence[str | None]) -> npt.NDArray[np.int64]:
-        known = self._codes
+        prefilled = self._prefilled
         if self._unknown is not None:
             unknown = self._unknown
             return np.fromiter(
-                (known.get(v, unknown) for v in values), dtype=np.int64, count=len(values)
+                (prefilled.get(v, unknown) for v in values), dtype=np.int64, count=len(values)
             )
-        missing = list(dict.fromkeys(v for v in values if v not in known))
-        fresh: dict[str | None, int] = {}
+        found: dict[str | None, int] = {}
+        missing: list[str | None] = []
+        recent = self._recent
+        with self._lock:
+            for value in dict.fromkeys(values):
+                code = prefilled.get(value)
+                if code is None and value is not None:
+                    code = recent.get(value)
+                    if code is not None:
+                        recent.move_to_end(value)  # most recently used
+                if code is None:
+                    missing.append(value)
+                else:
+                    found[value] = code
         if missing:
-            found = self._lookup(pa.array(missing, type=pa.large_string()))
-            fresh = dict(zip(missing, found.tolist(), strict=True))
-            room = self.capacity - len(known)
-            if room > 0:
-                known.update(fresh if len(fresh) <= room else dict(list(fresh.items())[:room]))
-        return np.fromiter(
-            (known[v] if v in known else fresh[v] for v in values),
-            dtype=np.int64,
-            count=len(values),
-        )
+            codes = self._lookup(pa.array(missing, type=pa.large_string()))
+            fresh = dict(zip(missing, codes.tolist(), strict=True))
+            found.update(fresh)
+            self._keep(fresh)
+        return np.fromiter((found[v] for v in values), dtype=np.int64, count=len(values))
+
+    def _keep(self, fresh: Mapping[str | None, int]) -> None:
+        """Remember looked-up codes: null for good, unknown values never, the rest in the
+        bounded LRU part."""
+        recent = self._recent
+        with self._lock:
+            for value, code in fresh.items():
+                if value is None:
+                    self._prefilled[None] = code  # one entry, needed by most batches
+                elif code != self.unknown_code and self.recent_capacity > 0:
+                    recent[value] = code
+                    recent.move_to_end(value)
+            while len(recent) > self.recent_capacity:
+                recent.popitem(last=False)  # the least recently used
 
 
 class QueryBatchEncoder:
@@ -348,10 +476,14 @@ class QueryBatchEncoder:
     Args:
         encoder: the bundle's fitted encoder.
         schema: the query schema derived from it.
-        cache_capacity: values cached per feature.
+        cache_capacity: most vocabulary values `prefill` keeps per feature.
         prefill: cache every vocabulary's values now (the most frequent first, up to
             `cache_capacity` each; hashed features fill as queries come). At 1M catalog
             items this holds ~100 MB of Python strings and codes.
+        code_cache_size: most values kept per feature from the lookups made while serving
+            (hashed values, and vocabulary values outside the prefilled ones), the least
+            recently used dropped first; values a vocabulary does not know are never kept
+            (`ServiceSettings.code_cache_size`).
     """
 
     def __init__(
@@ -361,23 +493,33 @@ class QueryBatchEncoder:
         cache_capacity: int = 1_000_000,
         *,
         prefill: bool = False,
+        code_cache_size: int = 100_000,
     ) -> None:
+        if code_cache_size < 0:
+            raise ValueError(f"`code_cache_size` must be >= 0; got {code_cache_size}")
         self.encoder = encoder
         self.schema = schema
+        self.code_cache_size = code_cache_size
         self._caches: dict[str, _CodeCache] = {}
         for column, spec in schema.columns.items():
             if spec.kind in (FeatureKind.CATEGORICAL, FeatureKind.BAG):
                 vocab = encoder.vocabulary("query", spec.name)
-                self._caches[column] = _CodeCache(vocab.lookup, cache_capacity)
+                self._caches[column] = _CodeCache(
+                    vocab.lookup, cache_capacity, code_cache_size, OOV_INDEX
+                )
                 if prefill:
                     self._caches[column].prefill(vocab.value_array)
             elif spec.kind in (FeatureKind.HASHED, FeatureKind.HASHED_BAG):
                 self._caches[column] = _CodeCache(
                     functools.partial(stable_hash_bucket, num_buckets=spec.num_buckets),
                     cache_capacity,
+                    code_cache_size,
+                    None,
                 )
         self._history_cache = (
-            _CodeCache(encoder.item_id_vocabulary.lookup, cache_capacity)
+            _CodeCache(
+                encoder.item_id_vocabulary.lookup, cache_capacity, code_cache_size, OOV_INDEX
+            )
             if schema.history_name is not None
             else None
         )

@@ -1,15 +1,26 @@
-"""One micro-batch of retrievals: encode, one query-tower pass, one index search, ids.
+"""One micro-batch of retrievals: encode, one query-tower pass, index searches, ids.
 
 `Retriever.run_batch` is the batcher's ``process`` function and runs on its worker
 thread. It reads the serving index version **once** (every answer of the batch names
 that version), encodes the batch's checked queries with the bundle's encoder, embeds
-them in one query-tower call and runs one FAISS search for the whole batch.
+them in one query-tower call and searches the index.
 
-Exclusions (explicit ids and, with `exclude_seen`, the user's train+valid items) are
-applied by over-fetching: the search asks for ``k + |exclusions|`` (the batch's largest),
-then each query drops its excluded ids and keeps its first k. An excluded id appears at
-most once among the candidates, so k results come back whenever the catalog holds k
-items outside the exclusions — exactly what `training.evaluate.ann_ranking` does offline.
+Exclusions (explicit ids and, with `exclude_seen`, the user's most recent seen items,
+see `ServiceSettings.max_seen_ids`) are applied by over-fetching: a query's search asks
+for ``k + |exclusions|`` (at most the catalog), then the query drops its excluded ids
+and keeps its first k. An excluded id appears at most once among the candidates, so k
+results come back whenever the catalog holds k items outside the exclusions, as
+`training.evaluate.ann_ranking` does offline. The over-fetch is per query: the batch's
+queries are grouped by fetch size (`fetch_groups`, one search per group, a group's size
+at most `FETCH_GROUP_RATIO` times the smallest fetch in it), so one query with many
+exclusions never deepens the searches of the others.
+
+One query never fails its batch: a query whose embedding is not finite (a dense value
+far outside the training range can overflow the float32 tower) gets `QueryEmbeddingError`
+and is not searched; a query whose search rows fall outside the catalog, whose scores
+are not finite, or whose exhaustive (Flat) search came back short gets
+`SearchResultError`. Both answer 500 for that query alone; the rest of the batch is
+answered as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import numpy as np
 import torch
 
 from retrieval.encoders import FeatureEncoder
-from service.errors import NotReadyError
+from service.errors import NotReadyError, QueryEmbeddingError, SearchResultError
 from service.index_manager import ServingIndex
 from service.query import QueryBatchEncoder, QueryFeatures, QuerySchema
 
@@ -33,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 SCORE_DECIMALS = 6  # scores are cosines in [-1, 1]; 6 decimals keep answers small
+FETCH_GROUP_RATIO = 2  # a query is searched at most this many times deeper than it needs
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class Retriever:
 
     Args:
         encoder: the bundle's fitted feature encoder.
-        schema: what queries hold (`QuerySchema.from_schema(encoder.schema)`).
+        schema: what queries hold (`QuerySchema.from_encoder(encoder)`).
         embed: encoded query batch -> ``[B, D]`` unit vectors (the exported query tower).
         current_index: returns the serving index version (None before one is loaded).
         faiss_threads: OpenMP threads of the searches (None: leave FAISS's setting alone).
@@ -85,6 +97,8 @@ class Retriever:
             count, a worker's searches woke a second OpenMP thread that spin-waited between
             batches: ~1 ms of CPU per request taken from the event loop.)
         prefill_codes: fill the encoder's code caches now (`QueryBatchEncoder`).
+        code_cache_size: values looked up while serving kept per feature
+            (`QueryBatchEncoder`, `ServiceSettings.code_cache_size`).
     """
 
     def __init__(
@@ -96,12 +110,15 @@ class Retriever:
         *,
         faiss_threads: int | None = None,
         prefill_codes: bool = False,
+        code_cache_size: int = 100_000,
     ) -> None:
         if faiss_threads is not None and faiss_threads < 1:
             raise ValueError(f"`faiss_threads` must be >= 1; got {faiss_threads}")
         self.encoder = encoder
         self.schema = schema
-        self.batch_encoder = QueryBatchEncoder(encoder, schema, prefill=prefill_codes)
+        self.batch_encoder = QueryBatchEncoder(
+            encoder, schema, prefill=prefill_codes, code_cache_size=code_cache_size
+        )
         self.embed = embed
         self.current_index = current_index
         self.faiss_threads = faiss_threads
@@ -126,23 +143,74 @@ class Retriever:
         return array
 
     def run_batch(self, jobs: Sequence[RetrievalJob]) -> list[RetrievalResult | BaseException]:
-        """Answer every job of one batch (the batcher's ``process``)."""
+        """Answer every job of one batch (the batcher's ``process``): a result per job, or
+        the exception of that job alone (see the module docstring)."""
         self._configure_thread()
         index = self.current_index()  # read once: the whole batch uses this version
         if index is None:
             raise NotReadyError("no index version is loaded yet", retry_after_s=1)
-        emb = self.embed_jobs(jobs)
+        emb = self.embed_jobs(jobs)  # (B, D)
+        answers: dict[int, RetrievalResult | BaseException] = {}
+        finite = np.isfinite(emb).all(axis=1)  # (B,)
+        for b in np.flatnonzero(~finite).tolist():
+            answers[b] = QueryEmbeddingError(
+                "the query tower gave this query a non-finite embedding (a dense value far "
+                "outside the training range can overflow it); the query was not searched"
+            )
+        good: list[int] = np.flatnonzero(finite).tolist()
+        fetches = [min(index.num_items, jobs[b].k + len(jobs[b].exclude)) for b in good]
+        for fetch, positions in fetch_groups(fetches):
+            members = [good[p] for p in positions]  # batch rows searched together
+            answers.update(self._search_group(index, jobs, emb, members, max(fetch, 1)))
+        self.timings.batches += 1
+        return [answers[b] for b in range(len(jobs))]
+
+    def _search_group(
+        self,
+        index: ServingIndex,
+        jobs: Sequence[RetrievalJob],
+        emb: np.ndarray,
+        members: list[int],
+        fetch: int,
+    ) -> dict[int, RetrievalResult | BaseException]:
+        """One search of the batch rows `members` at depth `fetch`; each row's answer."""
         started = time.perf_counter()
-        fetch = min(index.num_items, max(job.k + len(job.exclude) for job in jobs))
-        scores, rows = index.search(emb, max(fetch, 1))  # (B, fetch) each
+        try:
+            scores, rows = index.search(emb[members], fetch)  # (G, fetch) each
+        except Exception:
+            logger.exception(
+                "index %s: a search of %d queries (fetch %d) failed",
+                index.version,
+                len(members),
+                fetch,
+            )
+            return {
+                b: SearchResultError(f"the search of index version {index.version!r} failed")
+                for b in members
+            }
         searched = time.perf_counter()
-        results: list[RetrievalResult | BaseException] = [
-            self._result(index, job, scores[b], rows[b]) for b, job in enumerate(jobs)
-        ]
+        exhaustive = _is_exhaustive(index)
+        answers: dict[int, RetrievalResult | BaseException] = {}
+        for g, b in enumerate(members):
+            job = jobs[b]
+            needed = min(index.num_items, job.k + len(job.exclude))
+            problem = _check_search_row(scores[g], rows[g], index.num_items, needed, exhaustive)
+            if problem is None:
+                answers[b] = self._result(index, job, scores[g], rows[g])
+                continue
+            logger.warning(
+                "index %s answered query %d of a batch of %d with %s",
+                index.version,
+                b,
+                len(jobs),
+                problem,
+            )
+            answers[b] = SearchResultError(
+                f"index version {index.version!r} answered this query with {problem}"
+            )
         self.timings.search += searched - started
         self.timings.ids += time.perf_counter() - searched
-        self.timings.batches += 1
-        return results
+        return answers
 
     @staticmethod
     def _result(
@@ -162,3 +230,48 @@ class Retriever:
             scores=np.round(kept_scores, SCORE_DECIMALS).tolist(),
             index_version=index.version,
         )
+
+
+def fetch_groups(
+    fetches: Sequence[int], ratio: int = FETCH_GROUP_RATIO
+) -> list[tuple[int, list[int]]]:
+    """Queries grouped for searching: ``(search size, positions)`` per group.
+
+    Positions are sorted by fetch size and cut into runs whose largest fetch is at most
+    `ratio` times their smallest, so no query is searched more than `ratio` times deeper
+    than it needs, and a batch of similar queries is still one search.
+
+    >>> fetch_groups([10, 10, 1010, 12, 600])
+    [(12, [0, 1, 3]), (1010, [4, 2])]
+    """
+    sizes: list[int] = []
+    members: list[list[int]] = []
+    for position in sorted(range(len(fetches)), key=fetches.__getitem__):  # stable
+        fetch = fetches[position]
+        if members and fetch <= ratio * fetches[members[-1][0]]:
+            sizes[-1] = fetch  # ascending: the group's largest so far
+            members[-1].append(position)
+        else:
+            sizes.append(fetch)
+            members.append([position])
+    return list(zip(sizes, members, strict=True))
+
+
+def _is_exhaustive(index: ServingIndex) -> bool:
+    """Whether a search of `index` returns min(k, catalog) rows for any finite query."""
+    return isinstance(getattr(index.loaded, "index", None), faiss.IndexFlat)
+
+
+def _check_search_row(
+    scores: np.ndarray, rows: np.ndarray, num_items: int, fetch: int, exhaustive: bool
+) -> str | None:
+    """What is wrong with one query's search results (None: nothing)."""
+    outside = (rows < -1) | (rows >= num_items)
+    if outside.any():
+        return f"{int(outside.sum())} rows outside the catalog of {num_items} items"
+    valid = rows >= 0
+    if not np.isfinite(scores[valid]).all():
+        return "non-finite scores"
+    if exhaustive and int(valid.sum()) < min(fetch, num_items):
+        return f"{int(valid.sum())} rows where an exhaustive search gives {min(fetch, num_items)}"
+    return None

@@ -59,9 +59,16 @@ class ServiceServer(uvicorn.Server):
 
 
 def uvicorn_config(app: FastAPI, settings: ServiceSettings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration from the settings (`overrides` win: tests set the log level).
+
+    `max_connections` bounds the open connections: uvicorn answers a request 503 (and
+    closes its connection) when the open connections, that one included, reach its
+    `limit_concurrency`, so that is one more than the connections served at once.
+    """
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
+        "limit_concurrency": settings.max_connections + 1,
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": round(settings.graceful_timeout_s),
         "lifespan": "on",

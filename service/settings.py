@@ -110,8 +110,9 @@ class ServiceSettings(BaseSettings):
         default=2048,
         ge=1,
         le=100_000,
-        description="Open connections the server keeps at once (uvicorn's "
-        "`limit_concurrency`); more are answered 503 at once.",
+        description="Open connections served at once (probes included): a request on "
+        "one more is answered 503 at once and its connection closed (uvicorn's "
+        "`limit_concurrency`, set to this + 1 as uvicorn counts the asking connection).",
     )
     max_in_flight: int = Field(
         default=256,
@@ -246,10 +247,14 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_k_within_max_k(cls, data: Any) -> Any:
+    def _lowered_limits_lower_their_defaults(cls, data: Any) -> Any:
         # A lowered `max_k` alone also lowers the default k (an explicit default_k is checked).
         if isinstance(data, dict) and "max_k" in data and "default_k" not in data:
             data = {**data, "default_k": min(1000, int(data["max_k"]))}
+        # Likewise a lowered `max_in_flight` alone lowers the batch-call cap (an explicit
+        # `max_batch_queries` above it is refused by `_check_combination`).
+        if isinstance(data, dict) and "max_in_flight" in data and "max_batch_queries" not in data:
+            data = {**data, "max_batch_queries": min(64, int(data["max_in_flight"]))}
         return data
 
     @model_validator(mode="before")

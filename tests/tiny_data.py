@@ -101,3 +101,42 @@ def tiny_train_config(**overrides: object):  # -> TrainConfig (import kept local
     }
     base.update(overrides)
     return TrainConfig.from_dict(base)
+
+
+INTERESTS = ["music", "sport", "travel", "cooking", "films", "books"]
+
+
+def make_rich_query_dataset(out: Path, *, seed: int = 0) -> Path:
+    """`make_tiny_dataset`'s users, items and interactions with a query tower that reads every
+    kind of value a request can send: categorical (the MovieLens columns), dense (`age`,
+    missing for every 5th user), bag (`interests`, a list per user, empty for some),
+    hashed (`city`) and history.
+    """
+    from retrieval.data.dataset import load_dataset
+    from retrieval.features import FeatureKind, FeatureSpec
+
+    base = load_dataset(make_tiny_dataset(out.parent / f"{out.name}-base", seed=seed))
+    num_users = base.users.num_rows
+    users = (
+        base.users.append_column(
+            "age", pa.array([None if u % 5 == 0 else 18.0 + (u * 7) % 50 for u in range(num_users)])
+        )
+        .append_column(
+            "interests",
+            pa.array([[INTERESTS[(u + j) % 6] for j in range(u % 3)] for u in range(num_users)]),
+        )
+        .append_column("city", pa.array([f"city-{u % 11}" for u in range(num_users)]))
+    )
+    schema = dataclasses.replace(
+        base.schema,
+        name="tiny-rich-query",
+        query_features=(
+            *base.schema.query_features,
+            FeatureSpec("age", FeatureKind.DENSE, missing_indicator=True),
+            FeatureSpec("interests", FeatureKind.BAG, embedding_dim=4, max_length=4),
+            FeatureSpec("city", FeatureKind.HASHED, embedding_dim=4, num_buckets=16),
+        ),
+        stats={},
+    )
+    write_dataset(out, users, base.items, base.interactions, schema)
+    return out

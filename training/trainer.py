@@ -44,6 +44,7 @@ from tqdm import tqdm
 from retrieval.atomic import (
     atomic_directory,
     atomic_write_text,
+    interrupted_replace_pending,
     recover_interrupted_replace,
     remove_stale_temporaries,
 )
@@ -663,13 +664,25 @@ def train(
     start = time.perf_counter()
     out = Path(out_dir)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     world, rank = dist_utils.world_size(), dist_utils.rank()
+    # Checked here, before any training, not when the bundle is written at the end: a
+    # bundle that an interrupted run moved aside counts as existing (and is put back).
+    moved_aside = interrupted_replace_pending(out)
+    if (out.exists() or moved_aside) and not overwrite:
+        if moved_aside and rank == 0 and recover_interrupted_replace(out):
+            logger.info("restored %s, moved aside by an interrupted run", out)
+        raise FileExistsError(
+            f"{out} already exists"
+            + (" (put back: an interrupted run had moved it aside)" if moved_aside else "")
+            + " (pass --overwrite to replace it)"
+        )
     if rank == 0:  # leftovers of a run killed while it wrote its bundle or a checkpoint
+        # every moved-aside directory goes back first: `<out>.ckpt`'s temporaries start
+        # with `<out>.`, so cleaning `out`'s would delete the checkpoint moved aside
         for path in (out, ckpt):
             if recover_interrupted_replace(path):
                 logger.info("restored %s, moved aside by an interrupted run", path)
+        for path in (out, ckpt):
             for stale in remove_stale_temporaries(path.parent, path.name):
                 logger.info("removed leftover of an interrupted run: %s", stale)
     if config.num_threads:

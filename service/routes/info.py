@@ -64,7 +64,10 @@ async def info(services: Annotated[Services, Depends(get_services)]) -> dict[str
             "max_body_bytes": settings.max_body_bytes,
             "max_in_flight": settings.max_in_flight,
             "request_timeout_s": settings.request_timeout_s,
+            "max_seen_ids": settings.max_seen_ids,
+            "code_cache_size": settings.code_cache_size,
         },
+        "code_cache_values": services.retriever.batch_encoder.cached_values(),
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,

@@ -371,7 +371,7 @@ def test_api_settings_come_from_the_image_and_compose(
     assert settings.host == "0.0.0.0"
     assert settings.api_key is not None
     assert settings.api_key.get_secret_value() == TEST_ENV["RETRIEVAL_API_KEY"]
-    assert settings.redis_url == "redis://:test-redis-password@redis:6379/0"
+    assert settings.redis_url_value == "redis://:test-redis-password@redis:6379/0"
     assert settings.index_poll_s <= 5
     # The container's stop grace period covers the drain and the in-flight wait.
     grace = float(str(api["stop_grace_period"]).rstrip("s"))
@@ -422,11 +422,116 @@ def test_redis_requires_the_password_and_is_not_published(
     services: dict[str, dict[str, Any]],
 ) -> None:
     redis = services["redis"]
-    command = redis["command"]
-    assert command[command.index("--requirepass") + 1] == TEST_ENV["REDIS_PASSWORD"]
+    assert redis["environment"]["REDIS_PASSWORD"] == TEST_ENV["REDIS_PASSWORD"]
+    script = redis_start_script(redis)
+    assert "requirepass ${REDIS_PASSWORD}" in script  # into the config redis-server reads
     assert "ports" not in redis
     assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     assert redis["environment"]["REDISCLI_AUTH"] == TEST_ENV["REDIS_PASSWORD"]
+
+
+def redis_start_script(redis: Mapping[str, Any]) -> str:
+    """The shell script the Redis container runs (``sh -ec SCRIPT``)."""
+    assert redis["entrypoint"] == ["/bin/sh", "-ec"], redis.get("entrypoint")
+    command = redis["command"]
+    assert isinstance(command, list) and len(command) == 1
+    return str(command[0])
+
+
+_URL_WITH_PASSWORD = re.compile(r"rediss?://[^\s/@]*:[^\s/@]+@")
+
+
+def command_lines(service: Mapping[str, Any]) -> list[str]:
+    """Every argument list the service's container runs: entrypoint, command, healthcheck."""
+    lines = []
+    for key in ("entrypoint", "command"):
+        value = service.get(key)
+        if value is not None:
+            lines.append(value if isinstance(value, str) else " ".join(map(str, value)))
+    test = service.get("healthcheck", {}).get("test")
+    if test is not None:
+        lines.append(test if isinstance(test, str) else " ".join(map(str, test)))
+    return lines
+
+
+@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_GPU)], ids=["cpu", "gpu"])
+def test_no_command_line_holds_the_redis_password(files: tuple[Path, ...]) -> None:
+    """`ps` shows every process's arguments to every user of the host: the password (alone
+    or in a redis:// URL) travels by environment only."""
+    services = load_compose(*files)
+    assert services["redis"]["environment"]["REDIS_PASSWORD"] == TEST_ENV["REDIS_PASSWORD"]
+    for name, service in services.items():
+        for line in command_lines(service):
+            assert TEST_ENV["REDIS_PASSWORD"] not in line, f"{name}: the password in {line!r}"
+            assert not _URL_WITH_PASSWORD.search(line), f"{name}: a URL with a password"
+
+
+def test_the_redis_container_starts_with_the_password_off_the_command_line(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The Redis container's start script, run here: its tmpfs is a temporary folder, and
+    the image's entrypoint a stand-in that runs the local redis-server on a free port (the
+    image's own drops to the redis user first). Redis then requires the password, which
+    is on no command line of the container's processes."""
+    import socket
+    import time
+
+    import redis as redis_client
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    service = services["redis"]
+    (tmpfs,) = service["tmpfs"]
+    script = redis_start_script(service)
+    assert f"{tmpfs}/redis.conf" in script  # the config (and the password) stays in memory
+    run = tmp_path / "run"
+    run.mkdir()
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (stand_ins / "docker-entrypoint.sh").write_text(
+        f'#!/bin/sh\nexec "$@" --port {port} --bind 127.0.0.1 --daemonize no\n'
+    )
+    (stand_ins / "chown").write_text("#!/bin/sh\nexit 0\n")  # no redis user here
+    for stand_in in stand_ins.iterdir():
+        stand_in.chmod(0o755)
+    env = {
+        "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}",
+        **{name: str(value) for name, value in service["environment"].items()},
+    }
+    process = subprocess.Popen(
+        [*service["entrypoint"], script.replace(tmpfs, str(run))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    password = TEST_ENV["REDIS_PASSWORD"]
+    with_password = redis_client.Redis(port=port, password=password, socket_timeout=1)
+    without = redis_client.Redis(port=port, socket_timeout=1)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert with_password.ping()
+                break
+            except redis_client.ConnectionError:
+                assert process.poll() is None, "the start script exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        with pytest.raises(redis_client.AuthenticationError):
+            without.ping()  # NOAUTH: the password from the environment is required
+        assert with_password.config_get("maxmemory")["maxmemory"] == str(1 << 30)
+        command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes()  # now redis-server
+        assert b"redis-server" in command_line and password.encode() not in command_line
+        assert (run / "redis.conf").stat().st_mode & 0o077 == 0  # readable by its owner only
+    finally:
+        with_password.close()
+        without.close()
+        process.kill()
+        process.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -491,14 +596,25 @@ def test_the_jobs_hand_artifacts_over_in_dependency_order(
     assert sources == {"artifacts"}
 
 
+def job_redis_url(service: Mapping[str, Any], args: argparse.Namespace) -> str | None:
+    """The Redis URL a job uses: its flags, else its environment (`resolve_redis_url`)."""
+    from retrieval.urls import resolve_redis_url
+
+    environment = {k: str(v) for k, v in dict(service.get("environment", {})).items()}
+    return resolve_redis_url(args.redis_url, args.redis_url_file, environ=environment)
+
+
 def test_index_announcements_and_features_reach_the_api(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = serve_settings(services["api"], monkeypatch)
     build = parse_retrieval(command_of(services["build-index"]), "build-index")
     push = parse_retrieval(command_of(services["features-push"]), "features-push")
-    assert build.redis_url == api.redis_url, "the API would not hear of new index versions"
-    assert push.redis_url == api.redis_url
+    assert api.redis_url_value is not None
+    assert job_redis_url(services["build-index"], build) == api.redis_url_value, (
+        "the API would not hear of new index versions"
+    )
+    assert job_redis_url(services["features-push"], push) == api.redis_url_value
     assert push.prefix == api.redis_prefix, "features pushed under a prefix the API never reads"
     for name in ("build-index", "features-push", "api"):
         assert depends_on(services[name]).get("redis") == "service_healthy", name

@@ -4,6 +4,7 @@ trip against the towers' own exact ranking, recall gate, bad input, crash safety
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -260,3 +261,19 @@ def test_build_killed_mid_way_leaves_current_on_the_old_version(
     again = build(index_bundle, index_data, tmp_path)
     assert read_current(tmp_path) == again.version
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_redis_password_is_in_no_log_line_and_not_in_the_manifest(
+    index_bundle: Path, index_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nothing listens on port 1: the announcement fails, and is logged (redacted) too
+    url = "redis://:s3cret-pw@127.0.0.1:1/0"
+    caplog.set_level(logging.DEBUG)
+    result = build(index_bundle, index_data, tmp_path, redis_url=url)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("build-index: model=" in line for line in logged)  # the options line
+    assert any("could not publish version" in line for line in logged)
+    assert not [line for line in logged if "s3cret-pw" in line]
+    assert result.manifest["build"]["options"]["redis_url"] is True
+    assert "s3cret-pw" not in (result.path / "manifest.json").read_text()
+    assert "s3cret-pw" not in repr(BuildOptions(redis_url=url))

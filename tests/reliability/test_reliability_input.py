@@ -1,8 +1,11 @@
 """Rows 1-3 of the reliability suite: bad API keys, bad request values and oversized
-bodies against the real service on loopback; none of them reaches the index."""
+bodies against the real service on loopback; none of them reaches the index. Rows 19-21:
+one bad query never fails its micro-batch, the over-fetch for exclusions is per query and
+the seen set is capped, and the code caches stay bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -15,8 +18,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from reliability_fixtures import SearchSpy, rss_bytes
-from service_fixtures import live_server, make_dense_artifacts
+from service_fixtures import WAIT_S, LiveServer, free_port, live_server, make_dense_artifacts
 
+from service.feature_store import iter_user_records
 from service.settings import ServiceSettings
 
 KEY = "s3cret-key-0123456789"
@@ -82,6 +86,12 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (b'{"query": {"age": Infinity}}', "query.age"),
     (b'{"query": {"age": -Infinity}}', "query.age"),
     (b'{"query": {"age": 1' + b"0" * 400 + b"}}", "query.age"),  # beyond the float range
+    # finite as float64, beyond float32 (max 3.4028235e38): the tower would see inf, then NaN
+    (b'{"query": {"age": 1e39}}', "query.age"),
+    (b'{"query": {"age": -1e39}}', "query.age"),
+    (b'{"query": {"age": 3.5e38}}', "query.age"),
+    (b'{"query": {"age": %d}}' % 2**128, "query.age"),
+    (b'{"queries": [{"query": {}}, {"query": {"age": 1e39}}]}', "queries[1].query.age"),
     (b'{"query": {"history": "i3"}}', "query.history"),
     (b'{"query": {"history": ["i1", "i2", "i3", "i4", "i5", null]}}', "query.history"),
     (b'{"query": {}, "exclude_ids": [3]}', "exclude_ids.0"),
@@ -210,3 +220,193 @@ def test_row3_a_body_at_the_limit_is_served(
         assert response.status_code == 200
         over = httpx.post(f"{server.url}/v1/retrieve", content=padded + b" ", headers=RAW)
         assert over.status_code == 413
+
+
+# --------------------------------------------------------------------------- rows 19-21
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def one_batch(server: LiveServer, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """POST `bodies` to /v1/retrieve so that they run as ONE micro-batch: a first request
+    holds the only batch worker (its query tower waits on a gate) while the others queue
+    up; the gate opens once all of them are queued. Needs ``batch_workers=1``."""
+    services = server.services
+    batcher = services.batcher
+    assert batcher.workers == 1
+    gate = threading.Event()
+    original = services.retriever.embed
+
+    def gated(batch: Any) -> Any:
+        gate.wait(timeout=WAIT_S)
+        return original(batch)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+            blocker = asyncio.ensure_future(client.post("/v1/retrieve", json={"query": {}, "k": 1}))
+            await _until(lambda: batcher.in_batch == 1, "the blocking batch")
+            sent = [asyncio.ensure_future(client.post("/v1/retrieve", json=b)) for b in bodies]
+            await _until(lambda: batcher.queue_depth == len(bodies), "the queued requests")
+            services.retriever.embed = original  # the next batches run ungated
+            gate.set()
+            assert (await blocker).status_code == 200
+            return list(await asyncio.gather(*sent))
+
+    services.retriever.embed = gated
+    try:
+        responses = asyncio.run(run())
+    finally:
+        gate.set()
+        services.retriever.embed = original
+    assert batcher.batch_sizes[-1] == len(bodies)  # they did share one batch
+    return responses
+
+
+def record_searches(server: LiveServer) -> list[tuple[int, int]]:
+    """(rows, k) of every later search of the serving index version."""
+    calls: list[tuple[int, int]] = []
+    current = server.services.index_manager.current
+    original = current.search
+
+    def search(query_emb: Any, k: int) -> Any:
+        calls.append((len(query_emb), k))
+        return original(query_emb, k)
+
+    current.search = search
+    return calls
+
+
+def test_row19_a_query_that_poisons_the_tower_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """8 concurrent requests in one micro-batch; one carries an age that passes the checks
+    (500,000 train standard deviations out: inside `dense_bounds`) and that the tower is
+    made to turn into NaN (the model's own float32 overflow, made certain: the wrapped
+    tower poisons every row whose standardised age exceeds 1e5). That one answers 500
+    `embedding_failed`; the other 7 answer 200 with the ids they get alone."""
+    bundle, index = make_dense_artifacts(tmp_path)
+    settings = ServiceSettings(
+        model_dir=bundle, index_root=index, port=free_port(), batch_workers=1, request_timeout_s=10
+    )
+    countries = ["fr", "de", "it"]
+    good = [
+        {
+            "query": {"country": countries[i % 3], "age": 20.0 + 5 * i, "history": [f"i{i}"]},
+            "k": 5,
+        }
+        for i in range(7)
+    ]
+    with live_server(settings) as server:
+        retriever = server.services.retriever
+        stats = retriever.encoder.dense_stats("query", "age")
+        tower = retriever.embed
+
+        def overflowing_tower(batch: Any) -> Any:
+            out = tower(batch).clone()
+            out[batch["age"][:, 0] > 1e5] = float("nan")  # what an overflow leaves
+            return out
+
+        retriever.embed = overflowing_tower
+        bad = {
+            "query": {"country": "fr", "age": stats.mean + 5e5 * stats.std, "history": ["i1"]},
+            "k": 5,
+        }
+        bodies = [*good[:3], bad, *good[3:]]
+        responses = one_batch(server, bodies)
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200] * 3 + [500] + [200] * 4, statuses
+        error = responses[3].json()["error"]
+        assert error["code"] == "embedding_failed" and "non-finite" in error["message"]
+        assert "Traceback" not in responses[3].text
+        batched = [r.json() for i, r in enumerate(responses) if i != 3]
+        for body, answer in zip(good, batched, strict=True):
+            alone = httpx.post(f"{server.url}/v1/retrieve", json=body, timeout=WAIT_S)
+            assert alone.status_code == 200 and alone.json()["ids"] == answer["ids"], body
+        again = httpx.post(f"{server.url}/v1/retrieve", json=bad, timeout=WAIT_S)
+        assert again.status_code == 500 and again.json()["error"]["code"] == "embedding_failed"
+        # A value past the bound never reaches the tower: 422 naming the field.
+        far = {"query": {"age": 1e30}, "k": 5}
+        refused = httpx.post(f"{server.url}/v1/retrieve", json=far, timeout=WAIT_S)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "query.age"
+
+
+def test_row20_one_heavy_exclusion_does_not_deepen_the_other_searches(
+    make_settings: Callable[..., ServiceSettings],
+) -> None:
+    """One query excluding 40 items among 5 plain ones (k = 5) in one micro-batch: the 5
+    plain queries are searched at k = 5 (not 45), the heavy one alone at 45; every answer
+    equals its answer alone, and the heavy one has its 5 results, none excluded."""
+    with live_server(make_settings(batch_workers=1, request_timeout_s=10)) as server:
+        catalog = server.services.index_manager.current.ids.tolist()
+        plain = [{"query": {"history": catalog[3 * i : 3 * i + 2]}, "k": 5} for i in range(5)]
+        excluded = catalog[:40]
+        heavy = {"query": {"history": catalog[40:42]}, "k": 5, "exclude_ids": excluded}
+        calls = record_searches(server)
+        responses = one_batch(server, [*plain[:2], heavy, *plain[2:]])
+        assert [r.status_code for r in responses] == [200] * 6
+        # the blocker (1 row, k = 1), the plain rows at their own k, the heavy row alone
+        assert sorted(calls) == sorted([(1, 1), (5, 5), (1, 45)]), calls
+        answers = [r.json()["ids"] for r in responses]
+        for body, ids in zip([*plain[:2], heavy, *plain[2:]], answers, strict=True):
+            alone = httpx.post(f"{server.url}/v1/retrieve", json=body, timeout=WAIT_S)
+            assert alone.status_code == 200 and alone.json()["ids"] == ids, body
+        assert len(answers[2]) == 5 and not set(answers[2]) & set(excluded)
+
+
+def test_row20_exclude_seen_drops_only_the_most_recent_max_seen_ids(
+    make_settings: Callable[..., ServiceSettings], tiny_dataset: Path
+) -> None:
+    """`max_seen_ids` = 3 and a user with more seen items: with k = catalog - 3 the answer
+    is the whole catalog but the user's last 3 seen items (the older ones come back), and
+    the search asked for k + 3 = the catalog, not k + every seen item."""
+    records = dict(iter_user_records(tiny_dataset, [], 0))
+    user, record = max(records.items(), key=lambda pair: len(pair[1].seen))
+    assert len(record.seen) > 6
+    with live_server(make_settings(max_seen_ids=3)) as server:
+        catalog = server.services.index_manager.current.ids.tolist()
+        calls = record_searches(server)
+        body = {"user_id": user, "exclude_seen": True, "k": len(catalog) - 3}
+        response = httpx.post(f"{server.url}/v1/retrieve", json=body, timeout=WAIT_S)
+        assert response.status_code == 200
+        ids = response.json()["ids"]
+        assert set(ids) == set(catalog) - set(record.seen[-3:]) and len(ids) == len(catalog) - 3
+        assert set(record.seen[:-3]) <= set(ids)  # older seen items are not excluded
+        assert calls == [(1, len(catalog))]
+        info = httpx.get(f"{server.url}/v1/info", timeout=WAIT_S).json()
+        assert info["limits"]["max_seen_ids"] == 3
+
+
+def test_row21_code_caches_stay_bounded_under_unknown_and_rotating_values(
+    make_settings: Callable[..., ServiceSettings],
+) -> None:
+    """Without prefill, `code_cache_size` = 8: 40 requests, each with never-seen categorical
+    values and history ids (unknown ones and 40 distinct catalog ids in all). No feature's
+    cache ever holds more than 8 values + null, unknown values hold none, and a probe
+    query is answered the same before and after (evicted codes are looked up again)."""
+    with live_server(make_settings(prefill_codes=False, code_cache_size=8)) as server:
+        catalog = server.services.index_manager.current.ids.tolist()
+        probe = {"query": {"history": catalog[:3], "occupation": "writer"}, "k": 5}
+        before = httpx.post(f"{server.url}/v1/retrieve", json=probe, timeout=WAIT_S)
+        assert before.status_code == 200
+        for i in range(40):
+            body = {
+                "query": {
+                    "zip_prefix": f"zz{i}",
+                    "occupation": f"no-such-job-{i}",
+                    "history": [catalog[(i + 3) % len(catalog)], f"no-such-item-{i}"],
+                },
+                "k": 3,
+            }
+            assert httpx.post(f"{server.url}/v1/retrieve", json=body).status_code == 200
+            sizes = server.services.retriever.batch_encoder.cached_values()
+            assert all(size <= 8 + 1 for size in sizes.values()), (i, sizes)
+        assert sizes["history"] == 8  # full: the 8 most recent catalog ids
+        assert sizes["zip_prefix"] <= 1 and sizes["occupation"] <= 2  # null (and "writer")
+        info = httpx.get(f"{server.url}/v1/info", timeout=WAIT_S).json()
+        assert info["code_cache_values"] == sizes and info["limits"]["code_cache_size"] == 8
+        after = httpx.post(f"{server.url}/v1/retrieve", json=probe, timeout=WAIT_S)
+        assert after.status_code == 200 and after.json()["ids"] == before.json()["ids"]

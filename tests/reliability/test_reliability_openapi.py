@@ -4,12 +4,16 @@ every built-in check, against the real service (uvicorn on loopback, API key on)
 The document is the one the service serves (`service.openapi`): the query object lists
 the loaded model's features, k is bounded by the settings, and the cross-field rules are
 spelled out, so the positive/negative data checks hold the service to its word. The
-number of generated examples is bounded (`EXAMPLES` per operation and phase).
+model is trained for a few steps on a tiny dataset whose query tower reads every kind of
+value a request can carry (categorical, dense, bag, hashed and history:
+`tiny_data.make_rich_query_dataset`), so the generated queries exercise each kind's
+checks. The number of generated examples is bounded (`EXAMPLES` per operation and phase).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,21 +28,41 @@ from service_fixtures import LiveServer
 from service.settings import ServiceSettings
 
 KEY = "schemathesis-key-0123456789"
-EXAMPLES = 25
+EXAMPLES = 100
 load_all_checks()  # the OpenAPI checks register themselves on import
 ALL_CHECKS = CHECKS.get_all()
 
 
 @pytest.fixture(scope="module")
-def live_api(tiny_bundle: Any, tiny_dataset: Any, tmp_path_factory: Any) -> Iterator[LiveServer]:
-    from service_fixtures import build_flat_index, free_port
+def rich_artifacts(tmp_path_factory: Any) -> tuple[Path, Path, Path]:
+    """(dataset, model bundle, index root): the rich-query dataset, a model trained on it
+    for one epoch (no refit, no baselines: seconds), a Flat index of its catalog."""
+    from service_fixtures import build_flat_index
+    from tiny_data import make_rich_query_dataset, tiny_train_config
 
-    root = tmp_path_factory.mktemp("schemathesis") / "index"
-    build_flat_index(tiny_bundle, tiny_dataset, root)
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("schemathesis")
+    data = make_rich_query_dataset(root / "data")
+    config = tiny_train_config(
+        epochs=1,
+        refit=False,
+        eval={"ks": [10], "metric": "recall@10", "patience": 1, "baselines": []},
+    )
+    train(data, root / "model", config, progress=False)
+    build_flat_index(root / "model", data, root / "index")
+    return data, root / "model", root / "index"
+
+
+@pytest.fixture(scope="module")
+def live_api(rich_artifacts: tuple[Path, Path, Path]) -> Iterator[LiveServer]:
+    from service_fixtures import free_port
+
+    data, model, index = rich_artifacts
     settings_ = ServiceSettings(
-        model_dir=tiny_bundle,
-        index_root=root,
-        data_dir=tiny_dataset,  # user_id queries work (404 for unknown users)
+        model_dir=model,
+        index_root=index,
+        data_dir=data,  # user_id queries work (404 for unknown users)
         port=free_port(),
         api_key=SecretStr(KEY),
         max_k=100,
@@ -55,6 +79,11 @@ def live_api(tiny_bundle: Any, tiny_dataset: Any, tmp_path_factory: Any) -> Iter
 @pytest.fixture(scope="module")
 def api_schema(live_api: LiveServer) -> Any:
     return schemathesis.openapi.from_url(f"{live_api.url}/openapi.json")
+
+
+def test_row4_the_model_reads_every_kind_of_query_value(live_api: LiveServer) -> None:
+    kinds = {spec["kind"] for spec in live_api.services.schema.describe().values()}
+    assert {"categorical", "dense", "bag", "hashed", "history"} <= kinds
 
 
 def test_row4_every_check_is_loaded() -> None:

@@ -4,9 +4,11 @@ loopback, a private redis-server process, and Redis key clean-up."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -224,23 +226,36 @@ def live_server(settings: ServiceSettings) -> Iterator[LiveServer]:
 
 
 class RedisProcess:
-    """A private `redis-server` (no persistence) on a fixed port, killable and restartable."""
+    """A private `redis-server` (no persistence) on a fixed port, killable and restartable;
+    with `password`, it requires that password (given in a config file, and in `url`)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
+        self._config: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
+        config: list[str] = []
+        if self.password is not None:
+            if self._config is None:
+                handle, name = tempfile.mkstemp(prefix="redis-", suffix=".conf")
+                os.close(handle)
+                self._config = Path(name)
+            self._config.write_text(f"requirepass {self.password}\n")
+            config = [str(self._config)]
         self.process = subprocess.Popen(
             [
                 binary,
+                *config,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -276,6 +291,9 @@ class RedisProcess:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+        if self._config is not None:
+            self._config.unlink(missing_ok=True)
+            self._config = None
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:

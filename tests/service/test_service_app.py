@@ -415,3 +415,36 @@ def test_fast_path_answers_like_fastapi(
     ]
     assert counts[True] == {"answered": 6, "handed_over": 4}
     assert counts[False] == {"answered": 0, "handed_over": 0}
+
+
+def test_serve_reads_the_redis_url_from_a_file_flag_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`retrieval serve --redis-url-file F` (a flag wins over both variables), or
+    RETRIEVAL_REDIS_URL / RETRIEVAL_REDIS_URL_FILE; the URL never shows in a dump."""
+    from retrieval.cli import build_parser
+    from service.cli import _settings_from_args
+
+    secret_url = "redis://:file-secret@127.0.0.1:6390/0"
+    url_file = tmp_path / "redis_url"
+    url_file.write_text(secret_url + "\n")
+    base = ["serve", "--model", "m", "--index", "i"]
+
+    def settings(*flags: str) -> ServiceSettings:
+        parsed: ServiceSettings = _settings_from_args(build_parser().parse_args([*base, *flags]))
+        return parsed
+
+    for name in ("RETRIEVAL_REDIS_URL", "RETRIEVAL_REDIS_URL_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert settings("--redis-url-file", str(url_file)).redis_url_value == secret_url
+    monkeypatch.setenv("RETRIEVAL_REDIS_URL", "redis://env:6379/0")
+    assert settings().redis_url_value == "redis://env:6379/0"
+    assert settings("--redis-url-file", str(url_file)).redis_url_value == secret_url
+    monkeypatch.delenv("RETRIEVAL_REDIS_URL")
+    monkeypatch.setenv("RETRIEVAL_REDIS_URL_FILE", str(url_file))
+    from_env_file = settings()
+    assert from_env_file.redis_url_value == secret_url
+    assert "file-secret" not in from_env_file.model_dump_json()
+    assert settings("--redis-url", "redis://flag:6379/0").redis_url_value == "redis://flag:6379/0"
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args([*base, "--redis-url", "redis://x/0", "--redis-url-file", "f"])

@@ -23,10 +23,13 @@ from retrieval.evaluation import build_eval_queries
 from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
 from service.errors import InvalidRequestError
 from service.feature_store import InProcessFeatureStore, iter_user_records
+from service.openapi import query_object_schema
 from service.query import (
+    MAX_STANDARDISED,
     QueryBatchEncoder,
     QueryFeatures,
     QuerySchema,
+    dense_bounds,
     encode_queries,
     normalize_query,
 )
@@ -308,3 +311,180 @@ def test_serve_command_refuses_unsafe_settings(capsys: pytest.CaptureFixture[str
     assert "invalid settings" in err and "not a loopback address" in err
     assert main(["serve", "--model", "m", "--index", "i", "--max-batch-size", "0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1e39, -1e39, 3.5e38, 2**128, -(2**128), 10**400],
+    ids=["1e39", "-1e39", "3.5e38", "2**128", "-2**128", "10**400"],
+)
+def test_dense_values_beyond_float32_are_refused_naming_the_field(value: float) -> None:
+    """Finite as float64 but not as float32 (max 3.4028235e38): the tower would see inf,
+    then NaN, so the value is refused before it reaches a batch."""
+    schema = QuerySchema.from_schema(dense_schema())
+    with pytest.raises(InvalidRequestError) as info:
+        normalize_query({"age": value}, schema)
+    assert info.value.field == "query.age" and info.value.status_code == 422
+    assert "float32" in info.value.message or "finite number" in info.value.message
+
+
+def test_dense_values_within_float32_are_accepted() -> None:
+    schema = QuerySchema.from_schema(dense_schema())
+    top = float(np.finfo(np.float32).max)
+    for value in (top, -top, 3.4e38, 2**127, 0, -1.5):
+        assert normalize_query({"age": value}, schema).values == {"age": float(value)}
+
+
+def test_dense_values_far_from_the_train_data_are_refused() -> None:
+    """With the train statistics (`from_encoder`), a value more than `MAX_STANDARDISED`
+    standard deviations from the train mean is refused (std 1e-3: the interval is
+    [-1000, 1000]); both ends are accepted and encode to finite float32 values, and the
+    OpenAPI document publishes the same interval."""
+    encoder = FeatureEncoder(
+        dense_schema(),
+        vocabularies={
+            "query": {"country": Vocabulary(["fr"], [1]), "tags": Vocabulary(["a"], [1])},
+            "item": {"item_id": Vocabulary(["i1"], [1])},
+        },
+        dense_stats={"query": {"age": DenseStats(mean=0.0, std=1e-3)}},
+        user_ids=["u1"],
+        item_ids=["i1"],
+    )
+    schema = QuerySchema.from_encoder(encoder)
+    assert set(schema.dense_stats) == {"age"}
+    low, high = dense_bounds(schema.dense_stats["age"])
+    assert (low, high) == (-MAX_STANDARDISED * 1e-3, MAX_STANDARDISED * 1e-3)
+    for value in (1e36, 1000.5, -1000.5, 2**70):
+        with pytest.raises(InvalidRequestError) as info:
+            normalize_query({"age": value}, schema)
+        assert info.value.field == "query.age" and "must be in [-1000, 1000]" in info.value.message
+    for value in (low, high, 0.0):
+        query = normalize_query({"age": value}, schema)
+        encoded = encode_queries(encoder, schema, [query])["age"]
+        assert torch.isfinite(encoded).all()
+    published = query_object_schema(schema, 10)["properties"]["age"]["anyOf"][0]
+    assert (published["minimum"], published["maximum"]) == (low, high)
+
+
+def hashed_schema() -> DatasetSchema:
+    """Every kind the code caches serve: categorical, bag, hashed, hashed bag, history."""
+    return DatasetSchema(
+        name="hashed",
+        query_features=(
+            FeatureSpec("country", FeatureKind.CATEGORICAL, embedding_dim=4),
+            FeatureSpec("tags", FeatureKind.BAG, embedding_dim=4, max_length=3),
+            FeatureSpec("zip", FeatureKind.HASHED, embedding_dim=4, num_buckets=97),
+            FeatureSpec(
+                "terms", FeatureKind.HASHED_BAG, embedding_dim=4, max_length=3, num_buckets=31
+            ),
+            FeatureSpec(
+                "history", FeatureKind.HISTORY, embedding_dim=4, max_length=3, shared_with="item_id"
+            ),
+        ),
+        item_features=(FeatureSpec("item_id", FeatureKind.CATEGORICAL, embedding_dim=4),),
+    )
+
+
+def hashed_encoder() -> FeatureEncoder:
+    items = [f"i{j}" for j in range(40)]
+    return FeatureEncoder(
+        hashed_schema(),
+        vocabularies={
+            "query": {
+                "country": Vocabulary(["fr", "de"], [3, 1]),
+                "tags": Vocabulary(["a", "b"], [2, 1]),
+            },
+            "item": {"item_id": Vocabulary(items, list(range(40, 0, -1)))},
+        },
+        dense_stats={},
+        user_ids=["u1"],
+        item_ids=items,
+    )
+
+
+def test_code_caches_stay_within_their_bound_and_give_the_reference_codes() -> None:
+    """60 batches of never-seen hashed values, unknown and known vocabulary values: no
+    cache ever holds more than the prefilled values + `code_cache_size`, and every batch
+    encodes exactly as `encode_queries` (evicted values are looked up again)."""
+    encoder = hashed_encoder()
+    schema = QuerySchema.from_schema(encoder.schema)
+    bound = 8
+    for prefill in (False, True):
+        fast = QueryBatchEncoder(encoder, schema, prefill=prefill, code_cache_size=bound)
+        prefilled = fast.cached_values()  # null + the vocabulary with prefill, else empty
+        for step in range(60):
+            raw = [
+                {
+                    "country": ["fr", "de", f"xx{step}-{row}", None][row % 4],
+                    "tags": ["a", f"t{step}-{row}", "b"],
+                    "zip": f"z{step}-{row}",
+                    "terms": [f"w{step}", f"w{step}-{row}", "w"],
+                    # known ids cycling through the catalog (more than `bound` of them)
+                    # and an unknown one
+                    "history": [f"i{(step * 3 + row) % 40}", f"new{step}-{row}", "i0"],
+                }
+                for row in range(4)
+            ]
+            queries = [normalize_query(q, schema) for q in raw]
+            got, want = fast.encode(queries), encode_queries(encoder, schema, queries)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (prefill, step, name)
+            for name, size in fast.cached_values().items():
+                assert size <= prefilled.get(name, 0) + bound + 1, (prefill, step, name, size)
+        sizes = fast.cached_values()
+        assert sizes["zip"] == bound and sizes["terms"] == bound  # full (no null was sent)
+        if prefill:  # the whole vocabularies are prefilled: nothing is added to them
+            for name in ("country", "tags", "history"):
+                assert sizes[name] == prefilled[name], name
+
+
+def test_unknown_vocabulary_values_are_never_cached() -> None:
+    """Without prefill, 500 distinct unknown values (and unknown history ids) leave no
+    entry: they map to OOV, and each would otherwise hold memory for good."""
+    encoder = hashed_encoder()
+    schema = QuerySchema.from_schema(encoder.schema)
+    fast = QueryBatchEncoder(encoder, schema)  # no prefill, the default sizes
+    for start in range(0, 500, 50):
+        queries = [
+            normalize_query({"country": f"c{i}", "tags": [f"t{i}"], "history": [f"h{i}"]}, schema)
+            for i in range(start, start + 50)
+        ]
+        codes = fast.encode(queries)
+        assert set(codes["country"].tolist()) == {OOV_INDEX}
+    sizes = fast.cached_values()
+    # at most null stays (missing values are in every batch)
+    assert sizes["country"] <= 1 and sizes["tags"] <= 1 and sizes["history"] <= 1, sizes
+
+
+def test_code_cache_drops_the_least_recently_used_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound 2: after a, b, then a again, c evicts b (not a): a needs no lookup, b does."""
+    from service import query as query_module
+
+    looked_up: list[list[str | None]] = []
+    original = query_module.stable_hash_bucket
+
+    def counted(values: Any, num_buckets: int) -> Any:
+        looked_up.append(pa.array(values).to_pylist())
+        return original(values, num_buckets)
+
+    monkeypatch.setattr(query_module, "stable_hash_bucket", counted)
+    encoder = hashed_encoder()
+    schema = QuerySchema.from_schema(encoder.schema)
+    fast = QueryBatchEncoder(encoder, schema, code_cache_size=2)
+
+    def encode_zip(value: str) -> None:
+        fast.encode([normalize_query({"zip": value, "terms": ["w"]}, schema)])
+
+    for value in ("a", "b", "a", "c"):
+        encode_zip(value)
+    looked_up.clear()
+    encode_zip("a")
+    assert looked_up == []  # recently used: kept
+    encode_zip("b")
+    assert looked_up == [["b"]]  # least recently used: dropped, looked up again
+
+
+def test_code_cache_size_must_not_be_negative() -> None:
+    encoder = hashed_encoder()
+    with pytest.raises(ValueError, match="code_cache_size"):
+        QueryBatchEncoder(encoder, QuerySchema.from_schema(encoder.schema), code_cache_size=-1)

@@ -23,11 +23,13 @@ from service_fixtures import (
 
 from index.publish import announce_version
 from retrieval.cli import main as retrieval_main
-from retrieval.index_store import read_current
+from retrieval.index_store import PUBLISH_CHANNEL, read_current
 from service.feature_store import META_KEY
 from service.settings import ServiceSettings
 
 pytestmark = pytest.mark.redis
+
+REDIS_URL_ENV, REDIS_URL_FILE_ENV = "RETRIEVAL_REDIS_URL", "RETRIEVAL_REDIS_URL_FILE"
 
 
 def test_features_push_cli_writes_records_and_meta(
@@ -154,3 +156,70 @@ def _subscribers(url: str) -> int:
         return int(counts[0][1]) if counts else 0
     finally:
         client.close()
+
+
+def test_the_jobs_read_the_redis_url_from_the_environment_or_a_file(
+    tiny_dataset: Path,
+    tiny_bundle: Path,
+    index_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`features push`, `index rollback` and `build-index` take the URL (password and all)
+    from RETRIEVAL_REDIS_URL, RETRIEVAL_REDIS_URL_FILE or --redis-url-file, so it need not
+    be on a command line; with none of them, `features push` says what to set."""
+    password = "job-secret-0123456789"
+    private = RedisProcess(password=password).start()
+    url_file = tmp_path / "redis_url"
+    url_file.write_text(private.url + "\n")
+    for name in (REDIS_URL_ENV, REDIS_URL_FILE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    client = redis.Redis.from_url(private.url, socket_timeout=2)
+    pubsub = client.pubsub()
+    try:
+        push_argv = ["features", "push", "--data", str(tiny_dataset), "--model", str(tiny_bundle)]
+        ways: dict[str, tuple[dict[str, str], list[str]]] = {
+            "env": ({REDIS_URL_ENV: private.url}, []),
+            "env-file": ({REDIS_URL_FILE_ENV: str(url_file)}, []),
+            "flag-file": ({}, ["--redis-url-file", str(url_file)]),
+            # a flag wins over the variables (here a URL that would be refused)
+            "flag-over-env": (
+                {REDIS_URL_ENV: "redis://127.0.0.1:1/0"},
+                ["--redis-url-file", str(url_file)],
+            ),
+        }
+        for way, (env, flags) in ways.items():
+            with monkeypatch.context() as patch:
+                for name, value in env.items():
+                    patch.setenv(name, value)
+                assert retrieval_main([*push_argv, "--prefix", f"job-{way}:", *flags]) == 0, way
+            assert client.get(f"job-{way}:{META_KEY}") is not None, way
+        assert retrieval_main(push_argv) == 2
+        assert "no Redis URL: set RETRIEVAL_REDIS_URL" in capsys.readouterr().err
+
+        pubsub.subscribe(PUBLISH_CHANNEL)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+        monkeypatch.setenv(REDIS_URL_FILE_ENV, str(url_file))
+        old = read_current(index_copy)
+        set_current(index_copy, write_subset_version(index_copy, "v2-env", tiny_bundle))
+        assert retrieval_main(["index", "rollback", "--root", str(index_copy)]) == 0
+        assert _next_announcement(pubsub) == old
+        monkeypatch.delenv(REDIS_URL_FILE_ENV)
+        monkeypatch.setenv(REDIS_URL_ENV, private.url)
+        root = tmp_path / "built"
+        build = ["build-index", "--model", str(tiny_bundle), "--data", str(tiny_dataset)]
+        build += ["--out", str(root), "--factory", "Flat", "--recall-queries", "64"]
+        assert retrieval_main([*build, "--no-progress", "--threads", "1"]) == 0
+        assert _next_announcement(pubsub) == read_current(root)
+        printed = capsys.readouterr()
+        assert password not in printed.out + printed.err
+    finally:
+        pubsub.close()
+        client.close()
+        private.kill()
+
+
+def _next_announcement(pubsub: redis.client.PubSub) -> str | None:
+    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+    return None if message is None else message["data"].decode()

@@ -19,10 +19,12 @@ URL = f"redis://:{PASSWORD}@127.0.0.1:6379/0"
 def test_a_batch_call_larger_than_the_admission_limit_is_refused_at_start() -> None:
     """A full /v1/retrieve/batch call takes `max_batch_queries` admissions at once: above
     `max_in_flight` it would be answered 429 forever, so the settings refuse it."""
-    with pytest.raises(ValidationError, match="max_batch_queries.*max_in_flight"):
+    with pytest.raises(ValidationError, match=r"max_batch_queries.*max_in_flight"):
         ServiceSettings(**BASE, max_batch_queries=300, max_in_flight=256)
     ok = ServiceSettings(**BASE, max_batch_queries=256, max_in_flight=256)
     assert ok.max_batch_queries == ok.max_in_flight
+    # A lowered admission limit alone lowers the batch-call cap with it.
+    assert ServiceSettings(**BASE, max_in_flight=2).max_batch_queries == 2
 
 
 def test_the_redis_url_is_a_secret_in_every_dump() -> None:
@@ -37,7 +39,9 @@ def test_the_redis_url_is_a_secret_in_every_dump() -> None:
     assert settings.redis_url_value == URL
 
 
-def test_the_redis_url_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_redis_url_can_come_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "redis-url"
     path.write_text(URL + "\n")
     assert ServiceSettings(**BASE, redis_url_file=path).redis_url_value == URL
