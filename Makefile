@@ -11,7 +11,7 @@ DEMO_DIR ?= artifacts/demo
 
 # torch goes in first, pinned, so the project's looser requirement is already met
 # and pip never pulls the CUDA build. recbole is installed without its dependencies:
-# we only read the MovieLens-100K copy it ships.
+# only the MovieLens-100K copy it ships is read.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip

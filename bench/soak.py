@@ -1,4 +1,4 @@
-"""Reliability soak (`make soak`): the long rows of issue 9 against a real `retrieval serve`.
+"""Reliability soak (`make soak`): the long rows of docs/reliability.md against a real server.
 
 Usage::
 

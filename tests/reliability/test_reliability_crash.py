@@ -197,7 +197,7 @@ def test_row25_retraining_with_overwrite_restores_bundle_and_checkpoint_first(
 def test_row25_a_leftover_with_the_aside_name_of_this_process_is_no_obstacle(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    """A leftover named as the aside of this very pid used to make the final rename fail."""
+    """A leftover named as the aside of this very pid does not make the final rename fail."""
     final = tmp_path / "model"
     shutil.copytree(tiny_bundle, final)
     leftover = tmp_path / f".tmp-model.old-{os.getpid()}"

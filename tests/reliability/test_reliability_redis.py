@@ -159,7 +159,7 @@ def test_row27_refused_cache_writes_keep_user_lookups_answering(
 ) -> None:
     """A Redis that refuses writes (OOM at `maxmemory` under `noeviction`, or READONLY as a
     replica) still serves reads: the cache writes fail, `user_id` lookups keep answering 200
-    and the link is never marked down (it used to be, on any Redis error: 503s)."""
+    and the link is never marked down (which would turn every `user_id` lookup into a 503)."""
     private = RedisProcess().start()
     prefix = "rel-refused:"
     admin = redis.Redis.from_url(private.url, socket_timeout=2, socket_connect_timeout=2)
@@ -298,7 +298,7 @@ def test_row28_an_unreadable_push_meta_key_is_a_warning_not_a_failed_start(
     client.set(f"{prefix}features:meta", meta)
     settings = make_settings(redis_url=SHARED_REDIS_URL, redis_prefix=prefix, data_dir=None)
     caplog.set_level(logging.WARNING)
-    with live_server(settings) as server:  # it starts (it used to exit on the JSON error)
+    with live_server(settings) as server:  # it starts (does not exit on the JSON error)
         answer = httpx.post(f"{server.url}/v1/retrieve", json={"user_id": "u001", "k": 5})
         assert answer.status_code == 200
     warned = [r.getMessage() for r in caplog.records if r.name == "service.app"]
