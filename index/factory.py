@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ from retrieval.index_store import (
     recall_against_exact,
     shard_indexes,
 )
+from retrieval.ranking import exact_top_k_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -402,12 +403,6 @@ def train_and_fill(
 # --------------------------------------------------------------------------- exact search
 
 
-def _blocks(num_rows: int, block: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, num_rows, block):
-        yield start, min(start + block, num_rows)
-
-
-@torch.inference_mode()
 def exact_search(
     queries: FloatArray,
     vectors: FloatArray,
@@ -416,38 +411,18 @@ def exact_search(
     device: str = "cpu",
     block_rows: int = EXACT_BLOCK_ROWS,
 ) -> tuple[FloatArray, IntArray]:
-    """Exact inner-product top-k over `vectors` read block by block (memmap-friendly).
+    """Exact inner-product top-k over `vectors` read block by block (memmap-friendly): the
+    ground truth of the recall gate, `retrieval.ranking.exact_top_k_arrays` with every query
+    in one block, so the catalog is read once.
 
-    Each block is scored with one matrix product (into a reused buffer) and its top-k
-    merged into a running top-k, with torch on `device` (CUDA: the exact fallback when
-    faiss has no GPU).
+    Each block of `block_rows` catalog rows is scored against all queries with one matrix
+    product and merged into a running top-k, with torch on `device` (CUDA: the exact
+    fallback when faiss has no GPU); ties go to the lower row.
 
     Returns:
         (scores [Q, k] float32 descending, rows [Q, k] int64; -inf / -1 past N).
     """
-    num_items, dim = vectors.shape
-    k_eff = min(k, num_items)
-    rows = max(1, min(block_rows, num_items))
-    query_t = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(device)
-    staging = np.empty((rows, dim), np.float32)
-    scores = torch.empty((len(queries), rows), device=device)  # (Q, block), reused
-    best_scores = torch.full((len(queries), 0), float("-inf"), device=device)
-    best_rows = torch.zeros((len(queries), 0), dtype=torch.int64, device=device)
-    for start, end in _blocks(num_items, rows):
-        width = end - start
-        np.copyto(staging[:width], vectors[start:end])
-        block = torch.from_numpy(staging[:width]).to(device)
-        torch.mm(query_t, block.T, out=scores[:, :width])
-        top = torch.topk(scores[:, :width], min(k_eff, width), dim=1)  # (Q, k')
-        merged = torch.cat([best_scores, top.values], dim=1)
-        merged_rows = torch.cat([best_rows, top.indices + start], dim=1)
-        keep = torch.topk(merged, min(k_eff, merged.shape[1]), dim=1).indices
-        best_scores, best_rows = merged.gather(1, keep), merged_rows.gather(1, keep)
-    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    out_rows = np.full((len(queries), k), -1, dtype=np.int64)
-    out_scores[:, :k_eff] = best_scores.cpu().numpy()
-    out_rows[:, :k_eff] = best_rows.cpu().numpy()
-    return out_scores, out_rows
+    return exact_top_k_arrays(queries, vectors, k, device=device, item_chunk_size=block_rows)
 
 
 def true_scores(queries: FloatArray, vectors: FloatArray, rows: IntArray) -> FloatArray:

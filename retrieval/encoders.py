@@ -20,6 +20,12 @@ History (query tower): row i of interactions sorted by (user, time) gets the ite
 the same user's rows i-1, i-2, ..., i-N, most recent first, padded with 0 (`build_history`);
 serving uses each user's last N items (`history_at_end`).
 
+Encoding has two entrances with one per-kind dispatch (`encode_feature`) and one padding
+step (`pad_codes`): the table path (`FeatureEncoder.encode_users`, `encode_items`,
+`encode_queries`: Arrow columns, e.g. users.parquet) and the row path the service runs
+on each batch of checked queries (`FeatureEncoder.row_encoder`, in
+`retrieval.row_encoding`: Python values, with cached codes), which gives the same tensors.
+
 Example:
     >>> vocab = Vocabulary.fit(["rock", "jazz", "rock", "pop", None], min_count=1)
     >>> vocab.values, len(vocab)
@@ -32,12 +38,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +61,7 @@ from retrieval.features import (
     NUM_RESERVED,
     OOV_INDEX,
     PAD_INDEX,
+    SEQUENCE_KINDS,
     SPLIT,
     TIMESTAMP,
     USER_ID,
@@ -62,6 +70,9 @@ from retrieval.features import (
     FeatureKind,
     FeatureSpec,
 )
+
+if TYPE_CHECKING:
+    from retrieval.row_encoding import QueryRowEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -534,20 +545,111 @@ def encode_bag(values: Any, max_length: int, encode_tokens: TokenEncoder) -> Int
     parts = []
     for chunk in _list_chunks(values, "values"):
         rows = len(chunk)
-        out = np.zeros((rows, max_length), dtype=np.int64)
         if rows == 0 or pa.types.is_null(chunk.type):
-            parts.append(out)
+            parts.append(np.zeros((rows, max_length), dtype=np.int64))
             continue
         kept = pc.list_slice(chunk, 0, max_length)
         lengths = pc.list_value_length(kept).fill_null(0).to_numpy().astype(np.int64)  # (n,)
         tokens = pc.list_flatten(kept)  # (total,) in row order; null lists contribute nothing
         codes = np.asarray(encode_tokens(tokens), dtype=np.int64)
-        row_of_token = np.repeat(np.arange(rows), lengths)
-        first_token = np.cumsum(lengths) - lengths
-        position = np.arange(len(codes)) - np.repeat(first_token, lengths)
-        out[row_of_token, position] = codes
-        parts.append(out)
+        parts.append(pad_codes(codes, lengths, max_length))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def pad_codes(codes: IntArray, lengths: IntArray, width: int) -> IntArray:
+    """Flat codes, row after row, as an int64 `[n, width]` matrix, PAD (0) after each row's codes.
+
+    The padding step of every list feature, whether its rows come as an Arrow list column
+    (`encode_bag`) or as Python lists (`retrieval.row_encoding`).
+
+    Args:
+        codes: int64 `[total]`, row 0's codes, then row 1's, ...
+        lengths: int64 `[n]`, codes of each row, each at most `width`; they sum to `total`.
+        width: columns of the result.
+
+    >>> pad_codes(np.array([5, 6, 7]), np.array([2, 0, 1]), 3).tolist()
+    [[5, 6, 0], [0, 0, 0], [7, 0, 0]]
+    """
+    rows = len(lengths)
+    out = np.zeros((rows, width), dtype=np.int64)  # (n, width), PAD = 0
+    if len(codes):
+        row_of_code = np.repeat(np.arange(rows), lengths)  # (total,)
+        first_code = np.cumsum(lengths) - lengths  # (n,) where each row starts in `codes`
+        position = np.arange(len(codes)) - np.repeat(first_code, lengths)  # (total,)
+        out[row_of_code, position] = codes
+    return out
+
+
+# --------------------------------------------------------------------------- per-kind dispatch
+
+
+class CodeSource(Protocol):
+    """Where a feature's integer codes come from (`CodeSpace`, or a cache in front of one)."""
+
+    def codes(self, values: Any) -> IntArray:
+        """int64 `[n]` code of each value."""
+        ...
+
+    def padded(self, lists: Any, width: int) -> IntArray:
+        """int64 `[n, width]`: the codes of each list's first `width` values, PAD after."""
+        ...
+
+
+@dataclass(frozen=True)
+class CodeSpace:
+    """The codes of one categorical, bag, hashed, hashed-bag or history feature.
+
+    Args:
+        lookup: flat values -> int64 codes: `Vocabulary.lookup`, or `stable_hash_bucket`
+            with the feature's bucket count.
+        vocabulary: the vocabulary `lookup` reads; None for a hash space.
+    """
+
+    lookup: TokenEncoder
+    vocabulary: Vocabulary | None = None
+
+    @property
+    def unknown_code(self) -> int | None:
+        """The code of a value the vocabulary does not know (OOV, the code of null too);
+        None for a hash space, where every value has a bucket of its own."""
+        return OOV_INDEX if self.vocabulary is not None else None
+
+    def codes(self, values: Any) -> IntArray:
+        return self.lookup(values)
+
+    def padded(self, lists: Any, width: int) -> IntArray:
+        return encode_bag(lists, width, self.lookup)
+
+
+def encode_feature(
+    spec: FeatureSpec, values: Any, source: CodeSource | None, stats: DenseStats | None
+) -> torch.Tensor:
+    """One feature's tensor from its raw values (the layout of `FeatureInput`).
+
+    The one per-kind dispatch of both encoding paths: `FeatureEncoder`'s table path
+    (Arrow columns, `source` a `CodeSpace`) and the serving row path
+    (`retrieval.row_encoding`: Python lists, `source` a code cache).
+
+    Args:
+        spec: the feature.
+        values: its raw values, one per row (a list feature: one list per row).
+        source: where its codes come from (`FeatureEncoder.code_space`); None for dense.
+        stats: its train statistics when it is dense, else None.
+
+    Returns:
+        categorical, hashed: int64 `[n]`; bag, hashed_bag, history: int64
+        `[n, max_length]`; dense: float32 `[n, width]`.
+    """
+    kind = spec.kind
+    if kind == FeatureKind.DENSE:
+        if stats is None:
+            raise ValueError(f"dense feature {spec.name!r} needs its train statistics")
+        return torch.from_numpy(encode_dense(values, stats, spec.missing_indicator))
+    if source is None:
+        raise ValueError(f"feature {spec.name!r} ({kind}) needs a code source")
+    if kind in SEQUENCE_KINDS:
+        return torch.from_numpy(source.padded(values, spec.max_length))
+    return torch.from_numpy(source.codes(values))  # categorical, hashed
 
 
 # --------------------------------------------------------------------------- history
@@ -883,31 +985,40 @@ class FeatureEncoder:
 
     # ----------------------------------------------------------------- encoding
 
-    def _encode_column(self, side: Side, spec: FeatureSpec, column: Any) -> torch.Tensor:
+    def code_space(self, side: Side, spec: FeatureSpec) -> CodeSpace | None:
+        """Where the codes of a feature of `side` come from; None for a dense feature.
+
+        Categorical and bag features read their fitted vocabulary, the history feature the
+        item id vocabulary (its codes are the item id feature's), hashed kinds
+        `stable_hash_bucket` with the feature's bucket count.
+        """
         kind = spec.kind
+        if kind == FeatureKind.DENSE:
+            return None
+        if kind in (FeatureKind.HASHED, FeatureKind.HASHED_BAG):
+            return CodeSpace(functools.partial(stable_hash_bucket, num_buckets=spec.num_buckets))
+        if kind == FeatureKind.HISTORY:
+            vocab = self.item_id_vocabulary
+        else:
+            vocab = self.vocabulary(side, spec.name)
+        return CodeSpace(vocab.lookup, vocab)
+
+    def feature_stats(self, side: Side, spec: FeatureSpec) -> DenseStats | None:
+        """The train statistics of a dense feature of `side`; None for any other kind."""
+        return self.dense_stats(side, spec.name) if spec.kind == FeatureKind.DENSE else None
+
+    def _encode_column(self, side: Side, spec: FeatureSpec, column: Any) -> torch.Tensor:
         try:
-            if kind == FeatureKind.CATEGORICAL:
-                return torch.from_numpy(self._vocabularies[side][spec.name].lookup(column))
-            if kind == FeatureKind.HASHED:
-                return torch.from_numpy(stable_hash_bucket(column, spec.num_buckets))
-            if kind == FeatureKind.BAG:
-                lookup = self._vocabularies[side][spec.name].lookup
-                return torch.from_numpy(encode_bag(column, spec.max_length, lookup))
-            if kind == FeatureKind.HASHED_BAG:
-
-                def hash_tokens(tokens: pa.Array) -> IntArray:
-                    return stable_hash_bucket(tokens, spec.num_buckets)
-
-                return torch.from_numpy(encode_bag(column, spec.max_length, hash_tokens))
-            if kind == FeatureKind.DENSE:
-                stats = self._dense_stats[side][spec.name]
-                return torch.from_numpy(encode_dense(column, stats, spec.missing_indicator))
+            return encode_feature(
+                spec, column, self.code_space(side, spec), self.feature_stats(side, spec)
+            )
         except ValueError as exc:
-            raise ValueError(f"{side} feature {spec.name!r} ({kind}): {exc}") from exc
-        raise ValueError(f"{side} feature {spec.name!r}: kind {kind} is not read from a table")
+            raise ValueError(f"{side} feature {spec.name!r} ({spec.kind}): {exc}") from exc
 
-    def _encode_table(self, side: Side, table: pa.Table, what: str) -> dict[str, torch.Tensor]:
-        specs = self._specs(side, with_history=False)
+    def _encode_table(
+        self, side: Side, table: pa.Table, what: str, *, with_history: bool = False
+    ) -> dict[str, torch.Tensor]:
+        specs = self._specs(side, with_history=with_history)
         _require_columns(table, [s.source_column for s in specs], what)
         return {s.name: self._encode_column(side, s, table[s.source_column]) for s in specs}
 
@@ -918,6 +1029,39 @@ class FeatureEncoder:
     def encode_users(self, users: pa.Table) -> dict[str, torch.Tensor]:
         """Every non-history query feature of `users`, row order kept."""
         return self._encode_table("query", users, "users")
+
+    def encode_queries(self, queries: pa.Table) -> dict[str, torch.Tensor]:
+        """Every query feature of `queries`, the history included, row order kept.
+
+        `queries` holds the columns of `users.parquet` plus, when the schema has a history
+        feature, a list column named after it: each row's item ids, most recent first. The
+        first `max_length` ids are kept, unknown ids map to OOV, PAD (0) follows. This is
+        the table path of inline queries, which the serving row encoder
+        (`FeatureEncoder.row_encoder`) equals row for row.
+        """
+        return self._encode_table("query", queries, "queries", with_history=True)
+
+    def row_encoder(
+        self,
+        *,
+        cache_capacity: int = 1_000_000,
+        prefill: bool = False,
+        code_cache_size: int = 100_000,
+    ) -> QueryRowEncoder:
+        """The fast encoder of query rows for serving (`retrieval.row_encoding`): the same
+        tensors as `encode_queries`, with per-feature code caches in front of the lookups.
+
+        Args:
+            cache_capacity: most vocabulary values `prefill` keeps per feature.
+            prefill: cache every vocabulary's values now (the most frequent first).
+            code_cache_size: most values kept per feature from the lookups made while
+                encoding, the least recently used dropped first.
+        """
+        from retrieval.row_encoding import QueryRowEncoder  # it builds on this module
+
+        return QueryRowEncoder(
+            self, cache_capacity=cache_capacity, prefill=prefill, code_cache_size=code_cache_size
+        )
 
     # ----------------------------------------------------------------- ids
 

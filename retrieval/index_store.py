@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 import torch
 
 from retrieval.atomic import TMP_PREFIX, atomic_directory, sha256_file
+from retrieval.ranking import exact_top_k_arrays
 
 if TYPE_CHECKING:
     from retrieval.ivf_scan import ListScanner
@@ -732,21 +733,19 @@ def reconstruct_all(index: faiss.Index) -> FloatArray:
         raise IndexStoreError(f"index cannot reconstruct its vectors: {exc}") from exc
 
 
-@torch.inference_mode()
 def torch_exact_search(
     vectors: torch.Tensor, queries: FloatArray, k: int, query_chunk_size: int = 1024
 ) -> tuple[FloatArray, IntArray]:
-    """Exact inner-product top-k with torch on the vectors' device (the CUDA fallback)."""
-    num_items = vectors.shape[0]
-    take = min(k, num_items)
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for q0 in range(0, len(queries), query_chunk_size):
-        block = torch.from_numpy(queries[q0 : q0 + query_chunk_size]).to(vectors.device)
-        top = torch.topk(block @ vectors.T, take, dim=1)  # (q, take)
-        scores[q0 : q0 + len(block), :take] = top.values.float().cpu().numpy()
-        rows[q0 : q0 + len(block), :take] = top.indices.cpu().numpy()
-    return scores, rows
+    """Exact inner-product top-k with torch on the vectors' device (the CUDA fallback):
+    `retrieval.ranking.exact_top_k_arrays`, each chunk of queries scored against the whole
+    catalog in one block (``query_chunk_size x N`` floats), ties to the lower row."""
+    return exact_top_k_arrays(
+        queries,
+        vectors,
+        k,
+        query_chunk_size=query_chunk_size,
+        item_chunk_size=max(1, vectors.shape[0]),
+    )
 
 
 def check_item_ids(ids: pa.Array, where: Path | str) -> None:

@@ -775,11 +775,11 @@ ExportMode = Literal["auto", "eager", "trace", "compile"]
 EXPORT_MODES: tuple[str, ...] = get_args(ExportMode)
 
 # What `export_query_tower(mode="auto")` picks: the fastest mode in bench/bench_model.py
-# on the development machine (see `export_query_tower`).
+# on a 2-core CPU (see `export_query_tower`).
 AUTO_EXPORT_MODE: Literal["eager", "trace", "compile"] = "trace"
 
 
-class QueryEncoder:
+class ExportedQueryTower:
     """A query tower prepared for serving: one Python call embeds one batch.
 
     Calls run under ``torch.inference_mode()`` on the tower in eval mode. The batch is
@@ -808,21 +808,21 @@ class QueryEncoder:
             return self.function(inputs)
 
     def __repr__(self) -> str:
-        return f"QueryEncoder(mode={self.mode!r}, features={list(self.feature_names)})"
+        return f"ExportedQueryTower(mode={self.mode!r}, features={list(self.feature_names)})"
 
 
 def export_query_tower(
     model: TwoTowerModel | Tower,
     mode: ExportMode = "auto",
     example_batch: Batch | None = None,
-) -> QueryEncoder:
+) -> ExportedQueryTower:
     """Prepare the query tower for serving under ``torch.inference_mode``.
 
     Measured with ``bench/bench_model.py`` on the ml-100k default config (parallel,
     full-rank cross, 3 layers, MLP 256-128-64, head 128, D = 64; query d = 92, history of
     50), torch 2.13 CPU, machine: 2-core CPU shared with four other jobs (load average
     5-7, so absolute numbers are inflated and noisy). Best of 7 interleaved rounds of
-    block medians, ms per call, `QueryEncoder` overhead (batch check, 6 us) included:
+    block medians, ms per call, `ExportedQueryTower` overhead (batch check, 6 us) included:
 
     ==========  =======  =========  ==========  ====================================
     mode        threads  batch 1    batch 1024  first call (export + compile)
@@ -835,7 +835,7 @@ def export_query_tower(
     compile     2        1.16       40.9
     ==========  =======  =========  ==========  ====================================
 
-    An earlier run (trace without freezing, 1 thread): eager 0.57 / 13.2, trace 0.32 /
+    Another set of rounds (trace without freezing, 1 thread): eager 0.57 / 13.2, trace 0.32 /
     15.3, compile 0.54 / 16.6 ms. Trace wins at batch 1 in every run (about 1.7-2x
     eager: it removes the Python overhead of ~30 module calls); at batch 1024 the three
     are within the noise (the matrix products dominate). torch.compile brings no gain
@@ -855,7 +855,7 @@ def export_query_tower(
         example_batch: a batch to trace with (mode "trace"); default a random batch of 8.
 
     Returns:
-        A `QueryEncoder`: ``encoder(batch) -> [batch_size, D]``.
+        An `ExportedQueryTower`: ``tower(batch) -> [batch_size, D]``.
     """
     if mode not in EXPORT_MODES:
         raise ValueError(f"`mode` must be one of {list(EXPORT_MODES)}; got {mode!r}")
@@ -884,4 +884,4 @@ def export_query_tower(
         mode,
         time.perf_counter() - started,
     )
-    return QueryEncoder(tower, function, chosen)
+    return ExportedQueryTower(tower, function, chosen)

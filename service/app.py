@@ -36,6 +36,7 @@ from fastapi import FastAPI
 
 from retrieval.bundle import ModelBundle, load_bundle
 from retrieval.index_store import PUBLISH_CHANNEL
+from retrieval.row_encoding import encode_query_rows
 from retrieval.towers import export_query_tower
 from retrieval.urls import redact_url
 from service.batcher import MicroBatcher
@@ -61,7 +62,7 @@ from service.middleware import (
     MetricsMiddleware,
 )
 from service.openapi import install_openapi
-from service.query import QueryFeatures, QuerySchema, encode_queries
+from service.query import QueryFeatures, QuerySchema
 from service.redis_link import RedisLink, RedisReplyError, RedisUnavailableError, make_client
 from service.retriever import RetrievalJob, Retriever
 from service.routes import health, info, retrieve
@@ -81,14 +82,13 @@ def export_checked_query_tower(
     A traced tower is compared with the eager tower on a batch of real-shaped queries;
     on any disagreement (or a failed trace) the eager tower is used.
     """
-    example = encode_queries(bundle.encoder, schema, [QueryFeatures({})] * 4)
+    example = encode_query_rows(bundle.encoder, [QueryFeatures({})] * 4)
     if mode == "eager":
         return export_query_tower(bundle.model, "eager"), "eager"
     try:
         exported = export_query_tower(bundle.model, mode, example_batch=example)  # type: ignore[arg-type]
-        probe = encode_queries(
+        probe = encode_query_rows(
             bundle.encoder,
-            schema,
             [QueryFeatures({}, history=tuple(bundle.encoder.item_ids[:3].to_pylist()))] * 3,
         )
         with torch.inference_mode():

@@ -21,9 +21,10 @@ An unknown feature *name*, a value of the wrong type, NaN or infinity is refused
 beyond float32's range (|x| > 3.4028235e38), or, with the train statistics known
 (`QuerySchema.from_encoder`), more than `MAX_STANDARDISED` standard deviations from the
 train mean (the OpenAPI document publishes the same interval per feature). The
-feature store's records go through the same checks, then both are encoded by the model
-bundle's own `FeatureEncoder`, so a query built from a `user_id` is encoded exactly as
-`retrieval.evaluation` encodes it offline.
+feature store's records go through the same checks. Encoding is the library's: a checked
+query is a `retrieval.row_encoding.QueryRow`, and the model bundle's own `FeatureEncoder`
+encodes batches of them (`FeatureEncoder.row_encoder`), so a query built from a `user_id`
+is encoded exactly as `retrieval.evaluation` encodes it offline.
 
 Example:
     >>> from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
@@ -49,27 +50,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import pyarrow as pa
-import torch
 
-from retrieval.encoders import (
-    OOV_INDEX,
-    DenseStats,
-    FeatureEncoder,
-    encode_dense,
-    stable_hash_bucket,
-)
+from retrieval.encoders import DenseStats, FeatureEncoder
 from retrieval.features import FeatureKind, FeatureSpec
+from retrieval.row_encoding import QueryRow
 from service.errors import InvalidRequestError
 
 SCALAR_KINDS = frozenset({FeatureKind.CATEGORICAL, FeatureKind.HASHED})
@@ -174,12 +164,11 @@ class QuerySchema:
         return features
 
 
-@dataclass(frozen=True)
-class QueryFeatures:
-    """One query's checked raw values: column -> value, and history ids (most recent first)."""
+class QueryFeatures(QueryRow):
+    """One query's checked raw values: column -> value, and history ids (most recent first).
 
-    values: Mapping[str, Any]
-    history: tuple[str, ...] = ()
+    A `QueryRow`, so the encoder's row encoder (`FeatureEncoder.row_encoder`) encodes it.
+    """
 
     def canonical(self) -> dict[str, Any]:
         """A JSON-ready form with a fixed key order (cache keys)."""
@@ -357,262 +346,3 @@ def normalize_query(
         if checked is not None:
             values[name] = checked
     return QueryFeatures(values=values, history=history)
-
-
-class _CodeCache:
-    """Value -> code of one vocabulary or hash space, filled from the encoder's own lookups.
-
-    Codes always come from the encoder (`Vocabulary.lookup` or `stable_hash_bucket`, one
-    call per batch for the values not cached), so they are exactly the encoder's; the
-    cache only saves the per-call overhead of those lookups on small serving batches.
-    It has two parts, both bounded:
-
-    * the prefilled vocabulary: `prefill` looks null and the vocabulary's first values (up
-      to `capacity` in all) up in one call when the service starts and keeps them, so the
-      first query naming a value does not pay for an Arrow lookup (~0.7 ms per batch on
-      the 2-core machine, most of a cold batch's encoding). When the whole vocabulary
-      fits, a value missing from it is not in the vocabulary: it gets the code the
-      encoder gives null, OOV (`Vocabulary.lookup` maps unknown and null values alike),
-      without a lookup and without an entry.
-    * the values looked up while serving (hash-space values, and vocabulary values
-      outside the prefilled part): at most `recent_capacity`, the least recently used
-      dropped first. A value the vocabulary does not know (its code is `unknown_code`)
-      is never kept: clients may send any number of distinct unknown values.
-
-    Batches run on several worker threads at once, so the second part's reads and
-    updates hold a lock (the encoder's lookups do not).
-
-    Args:
-        lookup: values -> codes (the encoder's own function).
-        capacity: most values `prefill` keeps, null included.
-        recent_capacity: most values kept from the lookups made while serving (0: none).
-        unknown_code: the code of a value the vocabulary does not know (OOV), never kept;
-            None for a hash space, where every value has a bucket of its own.
-    """
-
-    def __init__(
-        self,
-        lookup: Callable[[pa.Array], npt.NDArray[np.int64]],
-        capacity: int,
-        recent_capacity: int,
-        unknown_code: int | None,
-    ) -> None:
-        self._lookup = lookup
-        self._prefilled: dict[str | None, int] = {}  # kept for good (null among them)
-        self._recent: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        self._unknown: int | None = None  # set when every vocabulary value is prefilled
-        self._lock = threading.Lock()
-        self.capacity = capacity
-        self.recent_capacity = recent_capacity
-        self.unknown_code = unknown_code
-
-    def __len__(self) -> int:
-        return len(self._prefilled) + len(self._recent)
-
-    def prefill(self, values: pa.Array) -> None:
-        """Keep the codes of null (a missing value) and of `values` (the first ones, up to
-        the room left)."""
-        room = self.capacity - len(self._prefilled)
-        if room <= 0:
-            return
-        head = pa.concat_arrays([pa.nulls(1, type=values.type), values.slice(0, room - 1)])
-        codes = self._lookup(head)
-        with self._lock:
-            self._prefilled.update(zip(head.to_pylist(), codes.tolist(), strict=True))
-        if len(head) == len(values) + 1:
-            self._unknown = int(codes[0])
-
-    def codes(self, values: Sequence[str | None]) -> npt.NDArray[np.int64]:
-        prefilled = self._prefilled
-        if self._unknown is not None:
-            unknown = self._unknown
-            return np.fromiter(
-                (prefilled.get(v, unknown) for v in values), dtype=np.int64, count=len(values)
-            )
-        found: dict[str | None, int] = {}
-        missing: list[str | None] = []
-        recent = self._recent
-        with self._lock:
-            for value in dict.fromkeys(values):
-                code = prefilled.get(value)
-                if code is None and value is not None:
-                    code = recent.get(value)
-                    if code is not None:
-                        recent.move_to_end(value)  # most recently used
-                if code is None:
-                    missing.append(value)
-                else:
-                    found[value] = code
-        if missing:
-            codes = self._lookup(pa.array(missing, type=pa.large_string()))
-            fresh = dict(zip(missing, codes.tolist(), strict=True))
-            found.update(fresh)
-            self._keep(fresh)
-        return np.fromiter((found[v] for v in values), dtype=np.int64, count=len(values))
-
-    def _keep(self, fresh: Mapping[str | None, int]) -> None:
-        """Remember looked-up codes: null for good, unknown values never, the rest in the
-        bounded LRU part."""
-        recent = self._recent
-        with self._lock:
-            for value, code in fresh.items():
-                if value is None:
-                    self._prefilled[None] = code  # one entry, needed by most batches
-                elif code != self.unknown_code and self.recent_capacity > 0:
-                    recent[value] = code
-                    recent.move_to_end(value)
-            while len(recent) > self.recent_capacity:
-                recent.popitem(last=False)  # the least recently used
-
-
-class QueryBatchEncoder:
-    """Encodes checked queries into a query-tower batch, exactly as `FeatureEncoder` does.
-
-    Categorical, bag, hashed and history codes go through per-feature `_CodeCache`s
-    (codes from the encoder itself); dense values through `encode_dense` with the fitted
-    statistics. The tests check it against `encode_queries` (the encoder's own table path),
-    row for row.
-
-    Args:
-        encoder: the bundle's fitted encoder.
-        schema: the query schema derived from it.
-        cache_capacity: most vocabulary values `prefill` keeps per feature.
-        prefill: cache every vocabulary's values now (the most frequent first, up to
-            `cache_capacity` each; hashed features fill as queries come). At 1M catalog
-            items this holds ~100 MB of Python strings and codes.
-        code_cache_size: most values kept per feature from the lookups made while serving
-            (hashed values, and vocabulary values outside the prefilled ones), the least
-            recently used dropped first; values a vocabulary does not know are never kept
-            (`ServiceSettings.code_cache_size`).
-    """
-
-    def __init__(
-        self,
-        encoder: FeatureEncoder,
-        schema: QuerySchema,
-        cache_capacity: int = 1_000_000,
-        *,
-        prefill: bool = False,
-        code_cache_size: int = 100_000,
-    ) -> None:
-        if code_cache_size < 0:
-            raise ValueError(f"`code_cache_size` must be >= 0; got {code_cache_size}")
-        self.encoder = encoder
-        self.schema = schema
-        self.code_cache_size = code_cache_size
-        self._caches: dict[str, _CodeCache] = {}
-        for column, spec in schema.columns.items():
-            if spec.kind in (FeatureKind.CATEGORICAL, FeatureKind.BAG):
-                vocab = encoder.vocabulary("query", spec.name)
-                self._caches[column] = _CodeCache(
-                    vocab.lookup, cache_capacity, code_cache_size, OOV_INDEX
-                )
-                if prefill:
-                    self._caches[column].prefill(vocab.value_array)
-            elif spec.kind in (FeatureKind.HASHED, FeatureKind.HASHED_BAG):
-                self._caches[column] = _CodeCache(
-                    functools.partial(stable_hash_bucket, num_buckets=spec.num_buckets),
-                    cache_capacity,
-                    code_cache_size,
-                    None,
-                )
-        self._history_cache = (
-            _CodeCache(
-                encoder.item_id_vocabulary.lookup, cache_capacity, code_cache_size, OOV_INDEX
-            )
-            if schema.history_name is not None
-            else None
-        )
-        if prefill and self._history_cache is not None:
-            self._history_cache.prefill(encoder.item_id_vocabulary.value_array)
-
-    def cached_values(self) -> dict[str, int]:
-        """Values cached per feature (the history under its feature name)."""
-        sizes = {column: len(cache) for column, cache in self._caches.items()}
-        if self.schema.history_name is not None and self._history_cache is not None:
-            sizes[self.schema.history_name] = len(self._history_cache)
-        return sizes
-
-    def _padded(
-        self, cache: _CodeCache, lists: Sequence[Sequence[str | None]], length: int
-    ) -> npt.NDArray[np.int64]:
-        """Codes of each row's first `length` tokens, PAD (0) after; `[B, length]`."""
-        out = np.zeros((len(lists), length), dtype=np.int64)  # (B, L), PAD = 0
-        kept = [row[:length] for row in lists]
-        counts = np.fromiter((len(r) for r in kept), dtype=np.int64, count=len(kept))
-        if counts.sum():
-            codes = cache.codes([token for row in kept for token in row])
-            rows = np.repeat(np.arange(len(kept)), counts)
-            cols = np.arange(len(codes)) - np.repeat(np.cumsum(counts) - counts, counts)
-            out[rows, cols] = codes
-        return out
-
-    def encode(self, queries: Sequence[QueryFeatures]) -> dict[str, torch.Tensor]:
-        """One encoded batch `{feature: tensor}`, row order kept."""
-        if not queries:
-            raise ValueError("`queries` must hold at least one query")
-        batch: dict[str, torch.Tensor] = {}
-        for column, spec in self.schema.columns.items():
-            values = [q.values.get(column) for q in queries]
-            if spec.kind in SCALAR_KINDS:
-                batch[spec.name] = torch.from_numpy(self._caches[column].codes(values))
-            elif spec.kind in LIST_KINDS:
-                lists = [v if v is not None else () for v in values]
-                batch[spec.name] = torch.from_numpy(
-                    self._padded(self._caches[column], lists, spec.max_length)
-                )
-            else:  # dense
-                numbers = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-                stats = self.encoder.dense_stats("query", spec.name)
-                batch[spec.name] = torch.from_numpy(
-                    encode_dense(numbers, stats, spec.missing_indicator)
-                )
-        if self.schema.history_name is not None:
-            assert self._history_cache is not None
-            batch[self.schema.history_name] = torch.from_numpy(
-                self._padded(
-                    self._history_cache, [q.history for q in queries], self.schema.history_length
-                )
-            )
-        return batch
-
-
-def _arrow_type(spec: FeatureSpec) -> pa.DataType:
-    if spec.kind in SCALAR_KINDS:
-        return pa.large_string()
-    if spec.kind in LIST_KINDS:
-        return pa.list_(pa.large_string())
-    return pa.float64()
-
-
-def encode_queries(
-    encoder: FeatureEncoder, schema: QuerySchema, queries: Sequence[QueryFeatures]
-) -> dict[str, torch.Tensor]:
-    """The reference encoding of checked queries (`QueryBatchEncoder` must equal it).
-
-    Non-history features go through `FeatureEncoder.encode_users` (the same code the
-    offline evaluation runs on users.parquet); history ids go through the item id
-    vocabulary and fill an int64 ``[B, N]`` matrix, PAD (0) after the last id.
-    Slower than `QueryBatchEncoder` on small batches (a dozen Arrow calls per feature).
-    """
-    if not queries:
-        raise ValueError("`queries` must hold at least one query")
-    table = pa.table(
-        {
-            column: pa.array([q.values.get(column) for q in queries], type=_arrow_type(spec))
-            for column, spec in schema.columns.items()
-        }
-    )
-    batch = encoder.encode_users(table)
-    if schema.history_name is not None:
-        length = schema.history_length
-        history = np.zeros((len(queries), length), dtype=np.int64)  # (B, N), PAD = 0
-        counts = np.fromiter((len(q.history) for q in queries), dtype=np.int64, count=len(queries))
-        if counts.sum():
-            flat = [item for q in queries for item in q.history]
-            codes = encoder.item_id_vocabulary.lookup(pa.array(flat, type=pa.large_string()))
-            rows = np.repeat(np.arange(len(queries)), counts)
-            cols = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-            history[rows, cols] = codes
-        batch[schema.history_name] = torch.from_numpy(history)
-    return batch

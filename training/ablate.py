@@ -792,10 +792,10 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig
+    from training.config import load_train_config
     from training.evaluate import parse_names
 
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    config = load_train_config(args.config)
     arrangements = parse_names(args.arrangements, DEFAULT_ARRANGEMENTS, "--arrangements")
     crosses = parse_names(args.cross, DEFAULT_CROSS, "--cross")
     report = run_ablation(
@@ -826,7 +826,11 @@ def register_ablate(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, type=Path, help="dataset directory")
-    parser.add_argument("--config", type=Path, help="base YAML training config")
+    parser.add_argument(
+        "--config",
+        help="base training config: a packaged name (default, ablation, ...) or a YAML path; "
+        "default: the default model",
+    )
     parser.add_argument("--out", required=True, type=Path, help="report directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument(

@@ -8,7 +8,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.config import ARRANGEMENTS, CROSS_KINDS
+from training.config import (
+    ARRANGEMENTS,
+    CROSS_KINDS,
+    TrainConfig,
+    load_train_config,
+    packaged_config_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +24,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="model bundle directory to create")
     parser.add_argument(
         "--config",
-        type=Path,
-        help="YAML training config (configs/*.yaml); default: the default model "
-        "(the code defaults of training.config.TrainConfig, written out in configs/default.yaml)",
+        help=f"training config: a packaged name ({', '.join(packaged_config_names())}) or the "
+        "path of a YAML file; default: the default model (the packaged default.yaml)",
     )
     parser.add_argument("--epochs", type=int, help="override `epochs`")
     parser.add_argument("--batch-size", type=int, help="override `batch_size`")
@@ -35,10 +40,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def resolve_config(args: argparse.Namespace) -> Any:
-    from training.config import TrainConfig
-
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The `--config` file (or the default model) with the command-line overrides applied."""
+    config = load_train_config(args.config)
     return config.with_overrides(
         epochs=args.epochs,
         batch_size=args.batch_size,

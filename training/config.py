@@ -1,172 +1,176 @@
 """Training configuration: one frozen object, loaded from YAML, overridable from the CLI.
 
-The code defaults are the default model: what `retrieval train` trains without `--config` and
-what `make demo` trains; `configs/default.yaml` writes them out (a test keeps the two equal).
-Other named configs live in `configs/` (`synth.yaml`, `scale_1m.yaml`). Every field is recorded in
-the model bundle (`train_config.json`), so a bundle says exactly how it was made.
+The default model is the packaged `training/configs/default.yaml`: what `retrieval train` and
+`retrieval demo` train without `--config`. The code defaults of `TrainConfig` are the same
+values (a test keeps the two equal), so `TrainConfig()` in code and the CLI default agree.
+Other named configs ship beside it (`synth`, `scale_1m`, `ablation`); `--config` takes such a
+name or the path of a YAML file (`load_train_config`). The repository's top-level `configs/`
+holds the same files for the Dockerfiles, the benchmarks and the docs (a test keeps them equal).
+
+Every field is validated by pydantic when the config is built (unknown keys refused, types and
+ranges checked) and errors name the field. Every field is recorded in the model bundle
+(`train_config.json`), so a bundle says exactly how it was made.
 
 Example:
     >>> cfg = TrainConfig.from_dict({"epochs": 3, "model": {"arrangement": "stacked"}})
     >>> cfg.epochs, cfg.model.arrangement, cfg.loss.temperature
     (3, 'stacked', 0.05)
-    >>> TrainConfig.from_dict({"epoch": 3})
+    >>> TrainConfig.from_dict({"model": {"rank": 0}})
     Traceback (most recent call last):
     ...
-    ValueError: unknown train config keys ['epoch']; known: ['batch_size', 'embedding_dims', 'epochs', 'eval', 'grad_clip_norm', 'history_length', 'id_dropout', 'id_embedding_dim', 'loss', 'lr', 'lr_schedule', 'min_lr_ratio', 'model', 'num_threads', 'refit', 'seed', 'sparse_embeddings', 'warmup_steps', 'weight_decay']
+    training.config.ConfigError: invalid train config: model.rank: Input should be greater than 0 (got 0)
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retrieval.evaluation.baselines import BASELINES
-from retrieval.layers import CROSS_KINDS
-from retrieval.towers import ARRANGEMENTS, HISTORY_POOLINGS
+from retrieval.layers import CROSS_KINDS, CrossKind
+from retrieval.towers import ARRANGEMENTS, HISTORY_POOLINGS, Arrangement, HistoryPooling
 
-T = TypeVar("T")
+__all__ = [
+    "ARRANGEMENTS",
+    "CROSS_KINDS",
+    "DEFAULT_CONFIG_NAME",
+    "HISTORY_POOLINGS",
+    "PACKAGED_CONFIGS",
+    "ConfigError",
+    "EvalSection",
+    "LossSection",
+    "ModelSection",
+    "TrainConfig",
+    "describe_errors",
+    "load_train_config",
+    "packaged_config_names",
+    "resolve_config_file",
+]
+
+# The named configs shipped inside the package (`--config default`, `--config synth`, ...),
+# found next to this module (package data of a regular or an editable install alike).
+PACKAGED_CONFIGS: Traversable = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG_NAME = "default"
+
+PositiveInt = Annotated[int, Field(gt=0)]
 
 
-@dataclass(frozen=True)
-class ModelSection:
+class ConfigError(ValueError):
+    """An invalid training config: one line naming every bad field (and the file, if any)."""
+
+
+class _Section(BaseModel):
+    """Frozen, strict about unknown keys, no NaN or infinity in float fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class ModelSection(_Section):
     """Shape of both towers (the same block for query and item towers)."""
 
-    arrangement: str = "parallel"  # parallel | stacked | deep | cross
-    cross: str = "lowrank"  # cross layer kind: full | lowrank | mix | masked
-    cross_layers: int = 2  # stacked cross layers L
-    rank: int = 32  # low-rank r (lowrank, mix, masked)
-    num_experts: int = 4  # experts K (mix)
-    mlp_hidden: tuple[int, ...] = (256, 128)  # the deep branch
-    head_hidden: tuple[int, ...] = (128,)  # head MLP before the output projection
-    output_dim: int = 64  # embedding size D (query and item)
-    dropout: float = 0.0  # dropout in the MLPs
+    arrangement: Arrangement = "parallel"  # parallel | stacked | deep | cross
+    cross: CrossKind = "lowrank"  # cross layer kind: full | lowrank | mix | masked
+    cross_layers: Annotated[int, Field(ge=0)] = 2  # stacked cross layers L
+    rank: PositiveInt = 32  # low-rank r (lowrank, mix, masked); clipped to the input width
+    num_experts: PositiveInt = 4  # experts K (mix)
+    mlp_hidden: tuple[PositiveInt, ...] = (256, 128)  # the deep branch
+    head_hidden: tuple[PositiveInt, ...] = (128,)  # head MLP before the output projection
+    output_dim: PositiveInt = 64  # embedding size D (query and item)
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout in the MLPs
     layer_norm: bool = False  # LayerNorm in the MLPs
-    history_pooling: str = "position"  # query history: mean | position (learned recency weights)
-
-    def __post_init__(self) -> None:
-        if self.history_pooling not in HISTORY_POOLINGS:
-            raise ValueError(
-                f"`model.history_pooling` must be one of {HISTORY_POOLINGS}; got {self.history_pooling!r}"
-            )
-        if self.arrangement not in ARRANGEMENTS:
-            raise ValueError(
-                f"`model.arrangement` must be one of {ARRANGEMENTS}; got {self.arrangement!r}"
-            )
-        if self.cross not in CROSS_KINDS:
-            raise ValueError(f"`model.cross` must be one of {CROSS_KINDS}; got {self.cross!r}")
-        object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
-        object.__setattr__(self, "head_hidden", tuple(int(h) for h in self.head_hidden))
+    history_pooling: HistoryPooling = "position"  # query history: mean | position (recency)
 
 
-@dataclass(frozen=True)
-class LossSection:
+class LossSection(_Section):
     """The retrieval task (in-batch softmax)."""
 
-    temperature: float = 0.05  # softmax temperature (initial value when learned)
+    temperature: Annotated[float, Field(gt=0)] = 0.05  # softmax temperature (initial if learned)
     learn_temperature: bool = False  # learn the temperature as a parameter
     logq_correction: bool = True  # subtract log sampling probability (train frequencies)
     mask_accidental_hits: bool = True  # a repeated item in the batch is not its own negative
-    num_extra_negatives: int = 0  # mixed negatives: uniform catalog samples per batch
+    num_extra_negatives: Annotated[int, Field(ge=0)] = 0  # mixed negatives: uniform samples
     full_catalog: bool = False  # exact softmax over every item (small catalogs; no logQ)
 
 
-@dataclass(frozen=True)
-class EvalSection:
+class EvalSection(_Section):
     """Validation during training and the final offline test."""
 
-    ks: tuple[int, ...] = (10, 20, 50, 100)  # recall@K reported
+    ks: tuple[PositiveInt, ...] = (10, 20, 50, 100)  # recall@K reported
     metric: str = "recall@50"  # model selection / early stopping metric on valid
-    patience: int = 4  # evaluations without improvement before stopping
-    every_epochs: int = 1  # validate every N epochs
-    max_users: int = 0  # 0 = all users; else a fixed random sample (valid and test; big data)
+    patience: PositiveInt = 4  # evaluations without improvement before stopping
+    every_epochs: PositiveInt = 1  # validate every N epochs
+    max_users: Annotated[int, Field(ge=0)] = 0  # 0 = all users; else a fixed random sample
     baselines: tuple[str, ...] = ("popularity", "ease", "als")  # in the test table
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        object.__setattr__(self, "baselines", tuple(self.baselines))
-        unknown = [name for name in self.baselines if name not in BASELINES]
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in BASELINES]
         if unknown:
-            raise ValueError(f"`eval.baselines` entries must be in {BASELINES}; got {unknown}")
+            raise ValueError(f"entries must be in {list(BASELINES)}; got {unknown}")
+        return value
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Everything `retrieval train` needs besides the data and output paths."""
 
-    seed: int = 0  # seeds torch, numpy and the data order
-    epochs: int = 10  # upper bound; the best epoch on valid is kept (and refitted)
-    batch_size: int = 1024  # examples per step (per rank under DDP)
-    lr: float = 3e-3  # peak learning rate (AdamW)
-    weight_decay: float = 1e-5  # AdamW decoupled weight decay (dense parameters)
-    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
-    warmup_steps: int = 30  # linear warmup steps
-    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
-    grad_clip_norm: float = 1.0  # 0 disables clipping
+    seed: Annotated[int, Field(ge=0)] = 0  # seeds torch, numpy and the data order
+    epochs: PositiveInt = 10  # upper bound; the best epoch on valid is kept (and refitted)
+    batch_size: Annotated[int, Field(ge=2)] = 1024  # examples per step (per rank under DDP)
+    lr: Annotated[float, Field(gt=0)] = 3e-3  # peak learning rate (AdamW)
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5  # AdamW decoupled weight decay (dense)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup
+    warmup_steps: Annotated[int, Field(ge=0)] = 30  # linear warmup steps
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05  # cosine floor as a share of lr
+    grad_clip_norm: Annotated[float, Field(ge=0)] = 1.0  # 0 disables clipping
     sparse_embeddings: bool = False  # sparse gradients + SparseAdam for large id tables
-    history_length: int = 0  # 0 = the schema's history max_length; else override
-    id_embedding_dim: int = 64  # width of the user and item id embeddings (0 = the schema's)
-    embedding_dims: dict[str, int] = field(default_factory=dict)  # per-feature overrides
-    id_dropout: float = 0.1  # share of training rows whose user / item ids become OOV (cold start)
-    num_threads: int = 0  # torch intra-op threads; 0 = all cores (set 1 for runs side by side)
+    history_length: Annotated[int, Field(ge=0)] = 0  # 0 = the schema's history max_length
+    id_embedding_dim: Annotated[int, Field(ge=0)] = 64  # user and item id widths (0 = schema's)
+    embedding_dims: dict[str, PositiveInt] = Field(default_factory=dict)  # per-feature widths
+    id_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of rows with OOV ids (cold start)
+    num_threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = all cores
     refit: bool = True  # after selecting the epochs on valid, retrain on train + valid for test
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossSection = field(default_factory=LossSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 2,
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "grad_clip_norm": self.grad_clip_norm >= 0,
-            "history_length": self.history_length >= 0,
-            "id_embedding_dim": self.id_embedding_dim >= 0,
-            "id_dropout": 0 <= self.id_dropout < 1,
-            "num_threads": self.num_threads >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"`{name}` is out of range; got {getattr(self, name)!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(
-                f"`lr_schedule` must be 'cosine' or 'constant'; got {self.lr_schedule!r}"
-            )
+    @field_validator("model", "loss", "eval", mode="before")
+    @classmethod
+    def _empty_section_is_default(cls, value: Any) -> Any:
+        """A section left empty in YAML (`loss:` with every line commented out) is the default."""
+        return {} if value is None else value
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, sections as nested dicts, sequences as tuples (what bundles record)."""
+        return self.model_dump()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        sections = {"model": ModelSection, "loss": LossSection, "eval": EvalSection}
-        _check_keys(cls, data, "train config")
-        _coerce_numbers(cls, data, "train config")
-        for key, section_cls in sections.items():
-            if key in data:
-                section = dict(data[key] or {})
-                _check_keys(section_cls, section, f"`{key}` section")
-                _coerce_numbers(section_cls, section, f"`{key}` section")
-                data[key] = section_cls(**section)
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Validate `data` (e.g. parsed YAML); `ConfigError` names every bad field."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(f"invalid train config: {describe_errors(exc)}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
+    def load(cls, path: str | Path | Traversable) -> TrainConfig:
+        """Read a YAML file; errors name the file and the field."""
+        if isinstance(path, str):
+            path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(f"{path}: expected a mapping at the top level")
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         """Copy with top-level fields or `section.field` keys replaced (None values ignored)."""
@@ -182,23 +186,62 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
 
-def _coerce_numbers(cls: type, data: dict[str, Any], what: str) -> None:
-    """YAML 1.1 reads `1e-5` (no dot) as a string: turn such values of float fields into floats."""
-    for item in dataclasses.fields(cls):
-        value = data.get(item.name)
-        if (
-            isinstance(item.default, float)
-            and isinstance(value, str | int)
-            and not isinstance(value, bool)
-        ):
-            try:
-                data[item.name] = float(value)
-            except ValueError:
-                raise ValueError(f"{what}: `{item.name}` must be a number; got {value!r}") from None
+def describe_errors(exc: ValidationError) -> str:
+    """One line per pydantic error, joined: `model.rank: Input should be greater than 0 (got 0)`."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field (known: {_known_fields(error['loc'])})")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message} (got {error['input']!r})")
+    return "; ".join(parts)
 
 
-def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} keys {unknown}; known: {sorted(known)}")
+def _known_fields(loc: tuple[int | str, ...]) -> str:
+    """The field names of the model that holds `loc`'s last key, sorted, comma-separated."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return ", ".join(sorted(model.model_fields))
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the configs shipped in the package (`default`, `synth`, ...), sorted."""
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in PACKAGED_CONFIGS.iterdir()
+        if entry.name.endswith(".yaml")
+    )
+
+
+def resolve_config_file(name_or_path: str | Path) -> Path | Traversable:
+    """The config file `--config` means: an existing file at that path, else the packaged
+    config of that name (`default`, `synth`, also written `synth.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.name == str(name_or_path):  # a bare name, no directory part
+        packaged = PACKAGED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+        if packaged.is_file():
+            return packaged
+    raise FileNotFoundError(
+        f"train config not found: {str(name_or_path)!r} is neither a file nor a packaged "
+        f"config name ({', '.join(packaged_config_names())})"
+    )
+
+
+def load_train_config(name_or_path: str | Path | None = None) -> TrainConfig:
+    """The config `--config` names (a packaged name or a YAML path); None: the default model,
+    the packaged `default.yaml`.
+
+    >>> load_train_config() == TrainConfig()
+    True
+    >>> load_train_config("synth").batch_size
+    4096
+    """
+    return TrainConfig.load(resolve_config_file(name_or_path or DEFAULT_CONFIG_NAME))

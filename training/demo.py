@@ -46,7 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data, model, index = out / "data", out / "model", out / "index"
     cold_data, cold_model = out / "data-cold-items", out / "model-cold-items"
-    config = ["--config", str(args.config)] if args.config else []
+    config = ["--config", args.config] if args.config else []
     start = time.perf_counter()
     if not (data / "schema.json").exists():
         _run(["data", "prepare", "ml-100k", "--out", str(data)])
@@ -136,8 +136,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="artifacts")
     parser.add_argument(
         "--config",
-        type=Path,
-        help="training config (default: the default model, as `retrieval train`)",
+        help="training config: a packaged name or a YAML path, as `retrieval train --config` "
+        "(default: the default model)",
     )
     parser.add_argument("--fresh", action="store_true", help="delete artifacts, redo every stage")
     parser.add_argument("--user", default="196", help="user the demo asks the service about")

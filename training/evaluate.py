@@ -197,7 +197,7 @@ def rank_in_chunks(
     over query chunks, with a progress bar; `exclude_rows` is the chunk's `ItemSets`."""
     import torch
 
-    from retrieval.evaluation.metrics import slice_item_sets
+    from retrieval.ranking import slice_item_sets
 
     num_queries = exclude.num_queries
     parts = []
@@ -224,7 +224,7 @@ def exact_ranking(
 
     A score block is ``query_chunk_size x item_chunk_size`` float32 (128 MiB by default);
     wide item chunks mean fewer running top-k merges, which dominate at K = 1000."""
-    from retrieval.evaluation.metrics import exact_top_k
+    from retrieval.ranking import exact_top_k
 
     def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
         _, ranking = exact_top_k(
@@ -259,7 +259,7 @@ def ann_ranking(
     import numpy as np
     import torch
 
-    from retrieval.evaluation.metrics import drop_excluded
+    from retrieval.ranking import drop_excluded
 
     def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
         sizes = exclude_rows.sizes()

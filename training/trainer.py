@@ -167,8 +167,8 @@ def build_model_config(encoder: FeatureEncoder, config: TrainConfig) -> ModelCon
         pooled = positional and side == "query"
         return TowerConfig(
             features=features,
-            arrangement=section.arrangement,  # type: ignore[arg-type]
-            cross_kind=section.cross,  # type: ignore[arg-type]
+            arrangement=section.arrangement,
+            cross_kind=section.cross,
             cross_layers=section.cross_layers,
             rank=min(section.rank, input_dim),  # a rank above the input width is clipped
             num_experts=section.num_experts,

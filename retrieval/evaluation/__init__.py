@@ -3,9 +3,10 @@
 - `retrieval.evaluation.protocol`: what a user's query, context and held-out set are for a
   target split (train is the context of valid; train + valid the context of test), and the
   cold-start variants.
-- `retrieval.evaluation.metrics`: exact full-catalog top-K, recall / hit rate / NDCG at K,
-  and the shared kernels (dropping a user's context items from a ranking, overlap of two
-  rankings).
+- `retrieval.evaluation.metrics`: recall / hit rate / NDCG at K of the exact full-catalog
+  top-K, and the overlap of two rankings. The ranking kernels themselves (exact top-K,
+  popularity, dropping a user's context items from a candidate list) are `retrieval.ranking`,
+  shared with the index job and the index store.
 - `retrieval.evaluation.baselines`: popularity, EASE and ALS, each tuned on valid and
   refitted on the target split's context (`tune_then_refit`).
 
@@ -13,13 +14,9 @@ The training job's test table, `retrieval evaluate` and the benchmarks all call 
 """
 
 from retrieval.evaluation.metrics import (
-    ItemSets,
     chunked_ranking_metrics,
-    drop_excluded,
     evaluate_retrieval,
-    exact_top_k,
     ranking_metrics,
-    slice_item_sets,
     top_k_overlap,
 )
 from retrieval.evaluation.protocol import (
@@ -35,6 +32,7 @@ from retrieval.evaluation.protocol import (
     slice_batch,
     user_item_matrix,
 )
+from retrieval.ranking import ItemSets, slice_item_sets
 
 __all__ = [
     "CONTEXT_SPLITS",
@@ -44,12 +42,10 @@ __all__ = [
     "chunked_ranking_metrics",
     "context_interactions",
     "context_item_counts",
-    "drop_excluded",
     "embed_in_batches",
     "encode_users_in_encoder_order",
     "evaluate_embeddings",
     "evaluate_retrieval",
-    "exact_top_k",
     "history_feature_name",
     "ranking_metrics",
     "slice_batch",

@@ -10,7 +10,7 @@ on the target split's context (train + valid for test) and scored there. The tra
 follows the same protocol (`training.trainer`: epochs picked on valid, then refitted).
 
 - **popularity**: every user gets the items ordered by their number of context interactions
-  (ties: lower item row first). Nothing to tune.
+  (ties: lower item row first; `retrieval.ranking.popularity_top_k`). Nothing to tune.
 - **ease**: EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
   With the binary user x item context matrix X and ``G = XᵀX + λI``::
 
@@ -31,8 +31,8 @@ follows the same protocol (`training.trainer`: epochs picked on valid, then refi
 
 Example (popularity on a 3-item catalog; user 0 already saw item 1):
     >>> import torch
-    >>> from retrieval.evaluation.metrics import ItemSets
-    >>> popularity_ranking(torch.tensor([2, 9, 4]), ItemSets.from_lists([[1], []]), k=2)
+    >>> exclude = ItemSets.from_lists([[1], []])
+    >>> popularity_top_k(torch.tensor([2, 9, 4]), exclude.num_queries, k=2, exclude=exclude)[1]
     tensor([[2, 0],
             [1, 2]])
 """
@@ -53,19 +53,14 @@ import torch
 
 from retrieval.data.dataset import Dataset
 from retrieval.encoders import FeatureEncoder
-from retrieval.evaluation.metrics import (
-    ItemSets,
-    chunked_ranking_metrics,
-    drop_excluded,
-    exact_top_k,
-    slice_item_sets,
-)
+from retrieval.evaluation.metrics import chunked_ranking_metrics
 from retrieval.evaluation.protocol import (
     CONTEXT_SPLITS,
     EvalQueries,
     context_item_counts,
     user_item_matrix,
 )
+from retrieval.ranking import ItemSets, exact_top_k, popularity_top_k, slice_item_sets
 
 logger = logging.getLogger(__name__)
 
@@ -95,32 +90,6 @@ def implicit_available() -> bool:
 
 
 # --------------------------------------------------------------------------- ranking
-
-
-def popularity_ranking(
-    item_counts: torch.Tensor, exclude: ItemSets, k: int, *, query_chunk_size: int = 1024
-) -> torch.Tensor:
-    """`[Q, k]` item rows by descending count (ties: lower row first), each query's
-    excluded items removed: the same ranking as `retrieval.evaluation.metrics.popularity_top_k`.
-
-    Every query shares one order, so it is sorted once; a chunk of queries takes its first
-    ``k + (most excluded items of a query in the chunk)`` entries and drops the excluded
-    ones, which costs O(Q (k + e)) instead of scoring the catalog for every query.
-    """
-    counts = torch.as_tensor(item_counts)
-    if counts.dim() != 1 or bool((counts < 0).any()):
-        raise ValueError("`item_counts` must be a 1-d tensor of non-negative counts")
-    order = torch.sort(counts, descending=True, stable=True).indices  # (N,)
-    num_queries = exclude.num_queries
-    parts = []
-    for start in range(0, num_queries, query_chunk_size):
-        stop = min(start + query_chunk_size, num_queries)
-        chunk = slice_item_sets(exclude, start, stop)
-        sizes = chunk.sizes()
-        fetch = min(len(order), k + (int(sizes.max()) if len(sizes) else 0))
-        candidates = order[:fetch].expand(stop - start, fetch)  # (q, fetch)
-        parts.append(drop_excluded(candidates, chunk, k))
-    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.int64)
 
 
 def factor_ranking(
@@ -447,7 +416,7 @@ def evaluate_popularity(
     """Popularity by context counts (train + valid for test) on prepared queries."""
     start = time.perf_counter()
     counts = context_item_counts(encoder, dataset, queries.split)
-    ranking = popularity_ranking(counts, queries.exclude, max(ks))
+    _, ranking = popularity_top_k(counts, queries.exclude.num_queries, max(ks), queries.exclude)
     return BaselineResult(
         name="popularity",
         metrics=dict(chunked_ranking_metrics(ranking, queries.held_out, ks)),

@@ -24,8 +24,8 @@ from index.build import BuildOptions, RecallGateError, build_index
 from index.publish import IndexBuildError, root_lock
 from retrieval import index_store
 from retrieval.bundle import load_bundle
-from retrieval.evaluation.metrics import exact_top_k
 from retrieval.index_store import list_versions, load_index_version, read_current
+from retrieval.ranking import exact_top_k
 
 QUIET = {"progress": False, "recall_queries": 40}
 

@@ -18,7 +18,7 @@ from index.factory import (
     train_and_fill,
     tune_search_params,
 )
-from retrieval.evaluation.metrics import exact_top_k
+from retrieval.ranking import exact_top_k
 
 
 def clustered(n: int, d: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:

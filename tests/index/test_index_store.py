@@ -14,7 +14,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from retrieval.evaluation.metrics import exact_top_k
 from retrieval.index_store import (
     CURRENT_FILE,
     ChecksumMismatchError,
@@ -30,6 +29,7 @@ from retrieval.index_store import (
     verify_index_version,
     write_index_version,
 )
+from retrieval.ranking import exact_top_k
 
 IDS = pa.array(["a,b", 'q"uote', "tab\tnew\nline", "\u00e9\U0001f600", "", "../x", "7"])
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from retrieval.bundle import load_bundle
 from retrieval.data.dataset import load_dataset
@@ -24,16 +23,15 @@ from retrieval.evaluation.baselines import (
     factor_ranking,
     fit_als,
     fit_ease,
-    popularity_ranking,
     random_ranking,
     tune_then_refit,
 )
-from retrieval.evaluation.metrics import ItemSets, popularity_top_k, slice_item_sets
 from retrieval.evaluation.protocol import (
     build_eval_queries,
     context_item_counts,
     user_item_matrix,
 )
+from retrieval.ranking import ItemSets
 
 needs_implicit = pytest.mark.skipif(
     not baselines.implicit_available(),
@@ -97,23 +95,6 @@ def test_als_grid_and_params_are_checked() -> None:
     assert len(ALSGrid(factors=(8, 16), regularization=(0.1,), alpha=(1.0, 5.0)).points()) == 4
     with pytest.raises(ValueError, match="`alpha`"):
         ALSParams(alpha=0)
-
-
-def test_slice_item_sets_rebases_rows() -> None:
-    sets = ItemSets.from_lists([[1], [2, 3], [], [4]])
-    part = slice_item_sets(sets, 1, 3)
-    assert part.num_queries == 2 and part.row(0).tolist() == [2, 3] and part.row(1).tolist() == []
-
-
-def test_popularity_ranking_equals_popularity_top_k() -> None:
-    # Many ties and uneven exclusions: the sort-once ranking must equal the metrics engine's.
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.randint(0, 5, (300,), generator=gen)
-    exclude = ItemSets.from_lists(
-        [torch.randint(0, 300, (int(n),), generator=gen) for n in torch.randint(0, 60, (50,))]
-    )
-    _, expected = popularity_top_k(counts, 50, 40, exclude)
-    assert popularity_ranking(counts, exclude, 40, query_chunk_size=7).tolist() == expected.tolist()
 
 
 def test_ease_matches_the_hand_computed_3x3_example() -> None:

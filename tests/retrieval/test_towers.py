@@ -17,9 +17,9 @@ from retrieval.features import FeatureInput, FeatureKind
 from retrieval.towers import (
     ARRANGEMENTS,
     CombinationBlock,
+    ExportedQueryTower,
     FeatureEmbedding,
     ModelConfig,
-    QueryEncoder,
     Tower,
     TowerConfig,
     TwoTowerModel,
@@ -366,17 +366,17 @@ def test_exported_query_tower_matches_eager(mode: str) -> None:
     model.eval()
     with torch.no_grad():
         expected = model.embed_queries(query_batch())
-    encoder = export_query_tower(model, mode=mode)  # type: ignore[arg-type]
-    assert isinstance(encoder, QueryEncoder)
-    out = encoder(query_batch())
+    tower = export_query_tower(model, mode=mode)  # type: ignore[arg-type]
+    assert isinstance(tower, ExportedQueryTower)
+    out = tower(query_batch())
     assert out.is_inference()
     torch.testing.assert_close(out, expected)
     # Another batch size and history length than the trace example.
     batch = random_batch(QUERY_FEATURES, 17, lengths={"history": 3})
     with torch.no_grad():
-        torch.testing.assert_close(encoder(batch), model.embed_queries(batch))
+        torch.testing.assert_close(tower(batch), model.embed_queries(batch))
     with pytest.raises(ValueError, match="feature 'history' is missing"):
-        encoder({"user_id": torch.tensor([1]), "zip": torch.tensor([1])})
+        tower({"user_id": torch.tensor([1]), "zip": torch.tensor([1])})
 
 
 @pytest.mark.skipif(
@@ -385,11 +385,11 @@ def test_exported_query_tower_matches_eager(mode: str) -> None:
 )
 def test_compiled_query_tower_matches_eager() -> None:
     model = TwoTowerModel(small_model_config()).eval()
-    encoder = export_query_tower(model, mode="compile")
+    tower = export_query_tower(model, mode="compile")
     for size in (1, 5):
         batch = random_batch(QUERY_FEATURES, size)
         with torch.no_grad():
-            torch.testing.assert_close(encoder(batch), model.embed_queries(batch))
+            torch.testing.assert_close(tower(batch), model.embed_queries(batch))
 
 
 def test_export_refuses_unknown_mode() -> None:
@@ -445,8 +445,8 @@ def test_position_pooled_tower_exports_and_round_trips() -> None:
     assert rebuilt.query.history_pooling == "position" and rebuilt.query.history_max_length == 8
     with torch.no_grad():
         model.query_tower.embedding.position_logits["history"].copy_(torch.linspace(1, -1, 8))
-    encoder = export_query_tower(model, mode="trace")
+    tower = export_query_tower(model, mode="trace")
     for length in (8, 3):  # traced at 8; serves any length up to it
         batch = random_batch(QUERY_FEATURES, 5, lengths={"history": length})
         with torch.no_grad():
-            torch.testing.assert_close(encoder(batch), model.embed_queries(batch))
+            torch.testing.assert_close(tower(batch), model.embed_queries(batch))

@@ -31,9 +31,10 @@ from retrieval.index_store import (
     version_path,
     write_index_version,
 )
+from retrieval.row_encoding import encode_query_rows
 from service.app import create_app
 from service.feature_store import push_features
-from service.query import QuerySchema, encode_queries, normalize_query
+from service.query import QuerySchema, normalize_query
 from service.server import ServiceServer, uvicorn_config
 from service.settings import ServiceSettings
 
@@ -359,7 +360,7 @@ def ids_by_version(
     """version -> the ids each query gets from it (eager tower + that version's search)."""
     bundle = load_bundle(model_dir)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    batch = encode_queries(bundle.encoder, schema, [normalize_query(q, schema) for q in queries])
+    batch = encode_query_rows(bundle.encoder, [normalize_query(q, schema) for q in queries])
     with torch.inference_mode():
         emb = bundle.model.embed_queries(batch).numpy()
     return {v: load_index_version(root, v).search_ids(emb, k)[0] for v in versions}

@@ -18,10 +18,11 @@ from service_fixtures import make_dense_artifacts
 
 from retrieval.bundle import load_bundle
 from retrieval.index_store import load_index_version
+from retrieval.row_encoding import encode_query_rows
 from service.app import create_app
 from service.errors import DependencyError
 from service.feature_store import InProcessFeatureStore
-from service.query import QuerySchema, encode_queries, normalize_query
+from service.query import QuerySchema, normalize_query
 from service.settings import ServiceSettings
 
 QUERY = {"gender": "F", "occupation": "engineer", "age_bucket": "25-34", "history": ["m 003/x"]}
@@ -56,7 +57,7 @@ def expected_ids(tiny_bundle: Path, tiny_index: Path, query: dict[str, Any], k: 
     """The same query computed in process: eager query tower + the index version's search."""
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    batch = encode_queries(bundle.encoder, schema, [normalize_query(query, schema)])
+    batch = encode_query_rows(bundle.encoder, [normalize_query(query, schema)])
     with torch.inference_mode():
         emb = bundle.model.embed_queries(batch).numpy()
     ids, _ = load_index_version(tiny_index).search_ids(emb, k)

@@ -21,16 +21,15 @@ from retrieval.data.dataset import load_dataset
 from retrieval.encoders import OOV_INDEX, DenseStats, FeatureEncoder, Vocabulary
 from retrieval.evaluation import build_eval_queries
 from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
+from retrieval.row_encoding import encode_query_rows
 from service.errors import InvalidRequestError
 from service.feature_store import InProcessFeatureStore, iter_user_records
 from service.openapi import query_object_schema
 from service.query import (
     MAX_STANDARDISED,
-    QueryBatchEncoder,
     QueryFeatures,
     QuerySchema,
     dense_bounds,
-    encode_queries,
     normalize_query,
 )
 from service.settings import ServiceSettings
@@ -79,7 +78,7 @@ def test_inline_query_is_encoded_like_the_encoder() -> None:
         normalize_query({"country": "xx", "age": None}, schema),  # unknown value, missing age
         normalize_query({}, schema),
     ]
-    batch = encode_queries(encoder, schema, queries)
+    batch = encode_query_rows(encoder, queries)
     # country: fr -> 2, de -> 3, unknown -> OOV 1, missing -> OOV 1
     assert batch["country"].tolist() == [3, 1, 1]
     # tags: b -> 3, zz -> OOV 1, padded with 0 to max_length 3
@@ -157,7 +156,7 @@ def test_store_records_encode_like_offline_evaluation(
         raw = dict(record.features)
         raw[schema.history_name or ""] = list(record.history)
         queries.append(normalize_query(raw, schema))
-    online = encode_queries(encoder, schema, queries)
+    online = encode_query_rows(encoder, queries)
     assert sorted(online) == sorted(offline.query_batch)
     for name, tensor in offline.query_batch.items():
         assert torch.equal(online[name], tensor), name
@@ -217,7 +216,7 @@ def test_canonical_query_is_order_free() -> None:
 
 
 def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dataset: Path) -> None:
-    """The serving encoder (cached codes) == `encode_queries` (the encoder's table path),
+    """The row encoder (cached codes) == `encode_query_rows` (the encoder's table path),
     on a dense/bag/history schema and on every user of the tiny dataset, twice (cold and
     warm caches), with and without prefilled caches."""
     encoder = dense_encoder()
@@ -230,9 +229,9 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
     )
     queries = [normalize_query(q, schema) for q in raw]
     for prefill in (False, True):
-        fast = QueryBatchEncoder(encoder, schema, cache_capacity=3, prefill=prefill)  # the cap
+        fast = encoder.row_encoder(cache_capacity=3, prefill=prefill)  # the cap
         for _ in range(2):
-            got, want = fast.encode(queries), encode_queries(encoder, schema, queries)
+            got, want = fast.encode(queries), encode_query_rows(encoder, queries)
             assert sorted(got) == sorted(want)
             for name in want:
                 assert got[name].dtype == want[name].dtype, name
@@ -240,7 +239,7 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
 
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    fast = QueryBatchEncoder(bundle.encoder, schema)
+    fast = bundle.encoder.row_encoder()
     store = InProcessFeatureStore.from_dataset(
         tiny_dataset, list(schema.columns), schema.history_length
     )
@@ -250,7 +249,7 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
         features[schema.history_name or ""] = list(record.history)
         users.append(normalize_query(features, schema))
     for _ in range(2):
-        got, want = fast.encode(users), encode_queries(bundle.encoder, schema, users)
+        got, want = fast.encode(users), encode_query_rows(bundle.encoder, users)
         for name in want:
             assert torch.equal(got[name], want[name]), name
 
@@ -264,7 +263,7 @@ def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
     not in it), as the encoder gives it; with a capped cache it is looked up."""
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    fast = QueryBatchEncoder(bundle.encoder, schema, prefill=True)
+    fast = bundle.encoder.row_encoder(prefill=True)
     assert schema.history_name is not None
     cached = fast.cached_values()
     assert cached[schema.history_name] == len(bundle.encoder.item_id_vocabulary.values) + 1
@@ -276,7 +275,7 @@ def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
         features = dict(record.features)
         features[schema.history_name] = list(record.history)
         users.append(normalize_query(features, schema))
-    want = encode_queries(bundle.encoder, schema, users)
+    want = encode_query_rows(bundle.encoder, users)
 
     calls: list[int] = []
     original = encoders._StringIndex.find  # what every `Vocabulary.lookup` runs
@@ -293,9 +292,9 @@ def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
     unknown = [normalize_query({schema.history_name: ["no-such-item"]}, schema)]
     codes = fast.encode(unknown)[schema.history_name]
     assert calls == [] and int(codes[0, 0]) == OOV_INDEX
-    assert torch.equal(codes, encode_queries(bundle.encoder, schema, unknown)[schema.history_name])
+    assert torch.equal(codes, encode_query_rows(bundle.encoder, unknown)[schema.history_name])
 
-    capped = QueryBatchEncoder(bundle.encoder, schema, cache_capacity=2, prefill=True)
+    capped = bundle.encoder.row_encoder(cache_capacity=2, prefill=True)
     assert capped.cached_values()[schema.history_name] == 2  # null and the first value
     calls.clear()
     codes = capped.encode(unknown)[schema.history_name]
@@ -360,7 +359,7 @@ def test_dense_values_far_from_the_train_data_are_refused() -> None:
         assert info.value.field == "query.age" and "must be in [-1000, 1000]" in info.value.message
     for value in (low, high, 0.0):
         query = normalize_query({"age": value}, schema)
-        encoded = encode_queries(encoder, schema, [query])["age"]
+        encoded = encode_query_rows(encoder, [query])["age"]
         assert torch.isfinite(encoded).all()
     published = query_object_schema(schema, 10)["properties"]["age"]["anyOf"][0]
     assert (published["minimum"], published["maximum"]) == (low, high)
@@ -405,12 +404,12 @@ def hashed_encoder() -> FeatureEncoder:
 def test_code_caches_stay_within_their_bound_and_give_the_reference_codes() -> None:
     """60 batches of never-seen hashed values, unknown and known vocabulary values: no
     cache ever holds more than the prefilled values + `code_cache_size`, and every batch
-    encodes exactly as `encode_queries` (evicted values are looked up again)."""
+    encodes exactly as `encode_query_rows` (evicted values are looked up again)."""
     encoder = hashed_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
     bound = 8
     for prefill in (False, True):
-        fast = QueryBatchEncoder(encoder, schema, prefill=prefill, code_cache_size=bound)
+        fast = encoder.row_encoder(prefill=prefill, code_cache_size=bound)
         prefilled = fast.cached_values()  # null + the vocabulary with prefill, else empty
         for step in range(60):
             raw = [
@@ -426,7 +425,7 @@ def test_code_caches_stay_within_their_bound_and_give_the_reference_codes() -> N
                 for row in range(4)
             ]
             queries = [normalize_query(q, schema) for q in raw]
-            got, want = fast.encode(queries), encode_queries(encoder, schema, queries)
+            got, want = fast.encode(queries), encode_query_rows(encoder, queries)
             for name in want:
                 assert torch.equal(got[name], want[name]), (prefill, step, name)
             for name, size in fast.cached_values().items():
@@ -443,7 +442,7 @@ def test_unknown_vocabulary_values_are_never_cached() -> None:
     entry: they map to OOV, and each would otherwise hold memory for good."""
     encoder = hashed_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
-    fast = QueryBatchEncoder(encoder, schema)  # no prefill, the default sizes
+    fast = encoder.row_encoder()  # no prefill, the default sizes
     for start in range(0, 500, 50):
         queries = [
             normalize_query({"country": f"c{i}", "tags": [f"t{i}"], "history": [f"h{i}"]}, schema)
@@ -458,19 +457,17 @@ def test_unknown_vocabulary_values_are_never_cached() -> None:
 
 def test_code_cache_drops_the_least_recently_used_value(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bound 2: after a, b, then a again, c evicts b (not a): a needs no lookup, b does."""
-    from service import query as query_module
-
     looked_up: list[list[str | None]] = []
-    original = query_module.stable_hash_bucket
+    original = encoders.stable_hash_bucket
 
     def counted(values: Any, num_buckets: int) -> Any:
         looked_up.append(pa.array(values).to_pylist())
         return original(values, num_buckets)
 
-    monkeypatch.setattr(query_module, "stable_hash_bucket", counted)
+    monkeypatch.setattr(encoders, "stable_hash_bucket", counted)
     encoder = hashed_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
-    fast = QueryBatchEncoder(encoder, schema, code_cache_size=2)
+    fast = encoder.row_encoder(code_cache_size=2)
 
     def encode_zip(value: str) -> None:
         fast.encode([normalize_query({"zip": value, "terms": ["w"]}, schema)])
@@ -487,4 +484,4 @@ def test_code_cache_drops_the_least_recently_used_value(monkeypatch: pytest.Monk
 def test_code_cache_size_must_not_be_negative() -> None:
     encoder = hashed_encoder()
     with pytest.raises(ValueError, match="code_cache_size"):
-        QueryBatchEncoder(encoder, QuerySchema.from_schema(encoder.schema), code_cache_size=-1)
+        encoder.row_encoder(code_cache_size=-1)

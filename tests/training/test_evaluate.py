@@ -17,9 +17,9 @@ from retrieval.bundle import load_bundle
 from retrieval.cli import main
 from retrieval.data.dataset import load_dataset
 from retrieval.evaluation import baselines
-from retrieval.evaluation.metrics import ItemSets, drop_excluded
 from retrieval.features import ITEM_ID, SPLIT, USER_ID
 from retrieval.index_store import CURRENT_FILE, write_index_version
+from retrieval.ranking import ItemSets
 from training.evaluate import (
     ann_ranking,
     evaluate_bundle,
@@ -119,12 +119,6 @@ def test_als_skips_with_a_clear_message_when_implicit_is_missing(
     )
     assert "`implicit` package is not installed" in report["results"]["als"]["skipped"]
     assert "skipped: the `implicit` package" in format_report(report)
-
-
-def test_drop_excluded_keeps_order_and_pads() -> None:
-    candidates = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, -1, -1]])
-    exclude = ItemSets.from_lists([[1, 5], [2, 6]])
-    assert drop_excluded(candidates, exclude, 3).tolist() == [[3, 4, -1], [9, -1, -1]]
 
 
 def test_resolve_ks_refuses_only_oversized_cut_offs() -> None:
