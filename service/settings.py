@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from retrieval.urls import read_url_file
+
 # The largest k any deployment may configure (FAISS GPU k-selection caps at 2048 too).
 HARD_MAX_K = 2048
 ENV_PREFIX = "RETRIEVAL_"
@@ -265,16 +267,7 @@ class ServiceSettings(BaseSettings):
             return data
         if data.get("redis_url") not in (None, ""):
             raise ValueError("set `redis_url` or `redis_url_file`, not both")
-        path = Path(data["redis_url_file"])
-        try:
-            url = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(
-                f"`redis_url_file` {str(path)!r} cannot be read ({type(exc).__name__})"
-            ) from None
-        if not url:
-            raise ValueError(f"`redis_url_file` {str(path)!r} is empty")
-        return {**data, "redis_url": url}
+        return {**data, "redis_url": read_url_file(data["redis_url_file"])}
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -34,10 +34,10 @@ from reliability_fixtures import ServeProcess, run_load
 from service_fixtures import (
     SHARED_REDIS_URL,
     RedisProcess,
-    delete_prefix,
     free_port,
     live_server,
     push,
+    shared_redis_prefix,
     wait_until,
 )
 
@@ -205,17 +205,8 @@ def test_row27_refused_cache_writes_keep_user_lookups_answering(
 @pytest.fixture
 def shared_prefix() -> Iterator[tuple[redis.Redis, str]]:
     """(client, unique key prefix) on the shared Redis; the prefix's keys are deleted after."""
-    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"the shared Redis at {SHARED_REDIS_URL} is not reachable: {exc}")
-    prefix = f"rel-garbage-{uuid.uuid4().hex[:12]}:"
-    try:
-        yield client, prefix
-    finally:
-        delete_prefix(client, prefix)
-        client.close()
+    with shared_redis_prefix("rel-garbage") as shared:
+        yield shared
 
 
 GOOD = {"features": {"gender": "F"}, "history": [], "seen": []}

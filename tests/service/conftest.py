@@ -3,13 +3,11 @@ bundle, dataset and Flat index come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
-from service_fixtures import SHARED_REDIS_URL, delete_prefix, settings_factory
+from service_fixtures import SHARED_REDIS_URL, settings_factory, shared_redis_prefix
 
 from service.settings import ServiceSettings
 
@@ -27,14 +25,5 @@ def make_settings(
 @pytest.fixture
 def shared_redis() -> Iterator[tuple[str, str]]:
     """(url, key prefix) on the shared Redis; every key under the prefix is deleted after."""
-    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"the shared Redis at {SHARED_REDIS_URL} is not reachable: {exc}")
-    prefix = f"test-service-{uuid.uuid4().hex[:12]}:"
-    try:
+    with shared_redis_prefix("test-service") as (_, prefix):
         yield SHARED_REDIS_URL, prefix
-    finally:
-        delete_prefix(client, prefix)
-        client.close()

@@ -303,6 +303,25 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys[start : start + 500])
 
 
+@contextlib.contextmanager
+def shared_redis_prefix(tag: str) -> Iterator[tuple[redis.Redis, str]]:
+    """(client, unique key prefix `tag-...:`) on the shared Redis, whose keys under the prefix
+    are deleted afterwards; skips the test when that Redis does not answer."""
+    import pytest
+
+    client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"the shared Redis at {SHARED_REDIS_URL} is not reachable: {exc}")
+    prefix = f"{tag}-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield client, prefix
+    finally:
+        delete_prefix(client, prefix)
+        client.close()
+
+
 def push(url: str, data: Path, model: Path, prefix: str) -> None:
     """Load the users of dataset `data` into the Redis at `url` under `prefix` (the
     features the bundle at `model` queries with)."""
