@@ -12,7 +12,7 @@ Usage::
 Stages (each timed): (1) synthesize the catalog with `retrieval.data.synthetic` into
 ``WORK/data`` (skipped when it exists); (2) train the parallel/lowrank and stacked/lowrank
 towers with `configs/synth.yaml` (same budget: the config's epochs, or ``--max-steps``),
-one run per seed, through the ablation runner (`training.ablate.run_ablation`, so finished
+one run per seed, through the ablation runner (`training.ablation.run_ablation`, so finished
 runs are skipped on a rerun and an interrupted run resumes from its checkpoint); each run
 ends with the trainer's exact full-catalog test evaluation; (3) report test recall@1000 of
 each arrangement (mean ± std over seeds) and the relative gain of parallel over stacked,
@@ -189,7 +189,7 @@ def main() -> None:
 
     from retrieval.atomic import atomic_write_text
     from retrieval.data.synthetic import generate_synthetic_dataset
-    from training.ablate import mean_std, run_ablation
+    from training.ablation import mean_std, run_ablation
     from training.config import TrainConfig
     from training.evaluate import describe_machine
 

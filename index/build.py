@@ -40,6 +40,7 @@ directory is removed (or, after a crash, by the next build: it is a `.tmp-` name
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -97,15 +98,19 @@ from retrieval.evaluation import (
     history_feature_name,
 )
 from retrieval.features import ITEM_ID, ITEMS_FILE, DatasetSchema
-from retrieval.index_store import (
+from retrieval.index_format import (
     METRIC,
     IndexStoreError,
     check_item_ids,
     check_version_name,
-    faiss_has_gpu,
     versions_dir,
     write_index_version,
 )
+from retrieval.process_group import local_rank
+from retrieval.process_group import rank as _rank
+from retrieval.process_group import world_size as _world
+from retrieval.searchers import faiss_has_gpu
+from retrieval.stages import stage as timed_stage
 from retrieval.urls import redact_url
 
 logger = logging.getLogger(__name__)
@@ -181,14 +186,6 @@ class BuildResult:
 # --------------------------------------------------------------------------- process group
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _agree(error: Exception | None) -> None:
     """Every rank learns whether any rank failed; all raise together (no rank hangs)."""
     if _world() == 1:
@@ -215,21 +212,8 @@ def _broadcast(value: Any) -> Any:
 # --------------------------------------------------------------------------- stages
 
 
-@contextlib.contextmanager
-def stage(name: str, timings: dict[str, float], key: str) -> Iterator[None]:
-    """Log and time a stage: wall seconds in `timings[key]`, this process's CPU seconds in
-    `timings[key + "_cpu"]` (CPU / wall far below the core count means a busy machine)."""
-    logger.info("stage %s ...", name)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    yield
-    timings[key] = round(time.perf_counter() - started, 3)
-    timings[key.replace("_seconds", "_cpu_seconds")] = round(time.process_time() - cpu_started, 3)
-    logger.info(
-        "stage %s done in %.1fs (cpu %.1fs)",
-        name,
-        timings[key],
-        timings[key.replace("_seconds", "_cpu_seconds")],
-    )
+# Each stage records wall and CPU seconds (`key` and its "_cpu_seconds" twin), to the ms.
+stage = functools.partial(timed_stage, cpu=True, ndigits=3)
 
 
 def resolve_device(device: str) -> str:
@@ -242,7 +226,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         device = "cuda" if cuda else "cpu"
     if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{local_rank()}"
     return device
 
 

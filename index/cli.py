@@ -28,9 +28,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from retrieval.urls import add_redis_url_arguments
+
+if TYPE_CHECKING:
+    from retrieval.cli import Subparsers
 
 logger = logging.getLogger(__name__)
 # faiss logs which CPU-specific library it loaded at INFO, three lines per process
@@ -77,7 +80,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_build_index(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
-    from retrieval.index_store import parse_search_params
+    from retrieval.index_format import parse_search_params
     from retrieval.urls import resolve_redis_url
 
     options = BuildOptions(
@@ -128,13 +131,13 @@ def run_build_index(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
+    from retrieval.process_group import rank
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank()
 
 
 def run_index_list(args: argparse.Namespace) -> int:
-    from retrieval.index_store import list_versions
+    from retrieval.index_format import list_versions
 
     infos = list_versions(args.root)
     if args.json:
@@ -187,7 +190,7 @@ def run_index_rollback(args: argparse.Namespace) -> int:
 
 
 def run_index_verify(args: argparse.Namespace) -> int:
-    from retrieval.index_store import read_current, verify_index_version, version_path
+    from retrieval.index_format import read_current, verify_index_version, version_path
 
     name = args.version or read_current(args.root)
     manifest = verify_index_version(version_path(args.root, name))
@@ -195,7 +198,7 @@ def run_index_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_build_index(subparsers: Any) -> None:
+def register_build_index(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "build-index",
         help="embed a catalog with a model bundle and publish a FAISS index version",
@@ -205,7 +208,7 @@ def register_build_index(subparsers: Any) -> None:
     parser.set_defaults(func=run_build_index)
 
 
-def register_index_admin(subparsers: Any) -> None:
+def register_index_admin(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "index", help="list, roll back or verify index versions", description=__doc__
     )
@@ -244,20 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if setup:
-            import torch.distributed as dist
+            from retrieval.process_group import teardown
 
-            dist.destroy_process_group()
+            teardown()
 
 
 def _setup_process_group() -> bool:
     """Join torchrun's group (gloo: the collectives carry only small Python objects)."""
-    import os
     from datetime import timedelta
 
-    import torch.distributed as dist
+    from retrieval.process_group import is_distributed, setup_from_env
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
+    if is_distributed():
+        return False  # a group this job did not create is not this job's to leave
     # Ranks > 0 wait while rank 0 trains, checks and writes the index: allow hours.
-    dist.init_process_group(backend="gloo", init_method="env://", timeout=timedelta(hours=4))
-    return True
+    return setup_from_env(backend="gloo", timeout=timedelta(hours=4))

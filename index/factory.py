@@ -47,14 +47,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from retrieval.index_store import (
-    apply_search_params,
-    assemble_shards,
-    faiss_has_gpu,
-    recall_against_exact,
-    shard_indexes,
-)
+from index.recall import recall_against_exact
+from retrieval.index_format import apply_search_params, assemble_shards, shard_indexes
 from retrieval.ranking import exact_top_k_arrays
+from retrieval.searchers import faiss_has_gpu
 
 logger = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 `INDEX_ROOT/CURRENT` is the source of truth: it is replaced atomically (temp file, fsync,
 rename), only after the version it names is complete on disk. A Redis message on
-`retrieval.index_store.PUBLISH_CHANNEL` tells running services to reload sooner; losing it
+`retrieval.index_format.PUBLISH_CHANNEL` tells running services to reload sooner; losing it
 loses nothing but latency, so a failed publish is logged, never fatal.
 
 Example:
     >>> import tempfile, pathlib, faiss, numpy as np, pyarrow as pa
-    >>> from retrieval.index_store import write_index_version
+    >>> from retrieval.index_format import write_index_version
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> for name in ("v1", "v2", "v3"):
     ...     _ = write_index_version(root, name, faiss.IndexFlatIP(2), np.eye(2, dtype=np.float32),
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from retrieval.atomic import TMP_PREFIX, atomic_write_text, fsync_directory
-from retrieval.index_store import (
+from retrieval.index_format import (
     CURRENT_FILE,
     PUBLISH_CHANNEL,
     IndexStoreError,

@@ -7,9 +7,9 @@ Usage::
     retrieval --help
 
 Each package contributes its subcommands through the ``retrieval.commands`` entry-point
-group (see pyproject.toml): an entry point is a function ``register(subparsers)`` that adds
-one subcommand and sets ``func`` on it. The library therefore imports none of the jobs,
-and a subcommand imports its heavy dependencies only when it runs.
+group (see pyproject.toml): an entry point is a function ``register(subparsers:
+Subparsers)`` that adds one subcommand and sets ``func`` on it. The library therefore
+imports none of the jobs, and a subcommand imports its heavy dependencies only when it runs.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import TypeAlias
 
 logger = logging.getLogger(__name__)
 
-Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+# The subcommand table a `retrieval.commands` entry point adds its subcommand to.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Register: TypeAlias = Callable[[Subparsers], None]
 
 
 class CommandError(Exception):

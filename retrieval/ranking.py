@@ -4,7 +4,7 @@ ready-made candidate list (an ANN answer).
 
 The one home of these kernels: the offline evaluator (`retrieval.evaluation`), the index
 job's ground truth for its recall gate (`index.factory.exact_search`) and the torch exact
-backend of a loaded index version (`retrieval.index_store.torch_exact_search`) all call
+backend of a loaded index version (`retrieval.searchers.torch_exact_search`) all call
 `exact_top_k`; the popularity baseline calls `popularity_top_k`; the evaluator's ANN
 rankings call `drop_excluded`.
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from training.config import (
     ARRANGEMENTS,
@@ -15,6 +15,9 @@ from training.config import (
     load_train_config,
     packaged_config_names,
 )
+
+if TYPE_CHECKING:
+    from retrieval.cli import Subparsers
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a two-tower model and write a model bundle",

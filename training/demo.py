@@ -27,7 +27,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retrieval.cli import Subparsers
 
 
 def _run(argv: list[str]) -> None:
@@ -127,7 +130,7 @@ def serve_and_query(
                 server.kill()
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the whole pipeline on MovieLens-100K (what `make demo` runs)",

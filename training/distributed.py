@@ -1,5 +1,6 @@
-"""Data-parallel helpers: process-group setup from the environment and an all-gather that
-keeps the local rows differentiable, for a candidate pool shared across ranks.
+"""Data-parallel helpers: an all-gather that keeps the local rows differentiable, for a
+candidate pool shared across ranks, plus the process-group helpers of
+`retrieval.process_group` (re-exported here, so the trainer imports one module).
 
 Usage (one process per rank; torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)::
 
@@ -25,16 +26,27 @@ Without a process group every helper is the single-process identity:
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from retrieval.process_group import (
+    BACKENDS,
+    is_distributed,
+    local_rank,
+    rank,
+    setup_from_env,
+    teardown,
+    world_size,
+)
+
 __all__ = [
+    "BACKENDS",
     "all_gather_sizes",
     "gather_with_grad",
     "is_distributed",
+    "local_rank",
     "rank",
     "setup_from_env",
     "teardown",
@@ -42,63 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("gloo", "nccl")
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's rank; 0 when not distributed."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    """Number of processes; 1 when not distributed."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def setup_from_env(backend: str | None = None) -> bool:
-    """Join the process group described by torchrun's environment variables.
-
-    Reads ``WORLD_SIZE`` (absent or 1: single process, nothing to do), ``RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT`` and, for nccl, ``LOCAL_RANK`` (the CUDA device).
-
-    Args:
-        backend: "gloo" or "nccl"; default nccl when CUDA is available, else gloo.
-
-    Returns:
-        True when a process group is (now) initialised, False for a single process.
-    """
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}")
-    if is_distributed():
-        return True
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size < 1:
-        raise ValueError(f"`WORLD_SIZE` must be >= 1; got {size}")
-    if size == 1:
-        return False
-    if not dist.is_available():
-        raise RuntimeError("torch.distributed is not available in this build of torch")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError("`backend` 'nccl' needs CUDA, which is not available")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, init_method="env://")
-    logger.info("joined process group: backend=%s rank=%d/%d", backend, rank(), world_size())
-    return True
-
-
-def teardown() -> None:
-    """Leave the process group, if any (safe to call when not distributed)."""
-    if is_distributed():
-        dist.destroy_process_group()
 
 
 def all_gather_sizes(num_rows: int) -> list[int]:

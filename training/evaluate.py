@@ -31,16 +31,33 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from retrieval.features import SPLITS
+from retrieval.stages import stage
+
+if TYPE_CHECKING:  # the job's heavy modules are imported when it runs, not at `--help`
+    import pyarrow as pa
+    import torch
+    from tqdm import tqdm
+
+    from retrieval.bundle import ModelBundle
+    from retrieval.cli import Subparsers
+    from retrieval.encoders import FeatureEncoder
+    from retrieval.evaluation import EvalQueries
+    from retrieval.evaluation.baselines import BaselineGrids
+    from retrieval.index_store import IndexVersion
+    from retrieval.ranking import ItemSets
+    from retrieval.towers import TwoTowerModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 50, 100, 1000)
 DEFAULT_BASELINES = ("popularity", "ease", "als")
 METRIC_NAMES = ("recall", "hit_rate", "ndcg")
+QUERY_SPLITS = SPLITS[1:]  # the splits with held-out queries: valid, test
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -112,17 +129,7 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-@contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Log a stage and record its wall time in `timings[name]`."""
-    start = time.perf_counter()
-    logger.info("stage %s ...", name)
-    yield
-    timings[name] = time.perf_counter() - start
-    logger.info("stage %s done in %.1fs", name, timings[name])
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int, desc: str, enabled: bool) -> tqdm[Any]:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
@@ -132,13 +139,13 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def embed_catalog(
-    model: Any,
-    encoder: Any,
-    items: Any,
+    model: TwoTowerModel,
+    encoder: FeatureEncoder,
+    items: pa.Table,
     *,
     batch_size: int = 8192,
     progress: bool = True,
-) -> Any:
+) -> torch.Tensor:
     """`[num_items, D]` item embeddings, encoding and embedding the catalog slice by slice
     (so the encoded features of the whole catalog never sit in memory at once).
 
@@ -163,8 +170,8 @@ def embed_catalog(
 
 
 def embed_queries(
-    model: Any, queries: Any, *, batch_size: int = 4096, progress: bool = True
-) -> Any:
+    model: TwoTowerModel, queries: EvalQueries, *, batch_size: int = 4096, progress: bool = True
+) -> torch.Tensor:
     """`[Q, D]` query embeddings of prepared evaluation queries, in slices."""
     import torch
 
@@ -185,14 +192,14 @@ def embed_queries(
 
 
 def rank_in_chunks(
-    top_k: Callable[[int, int, Any], Any],
-    exclude: Any,
+    top_k: Callable[[int, int, ItemSets], torch.Tensor],
+    exclude: ItemSets,
     k: int,
     *,
     query_chunk_size: int = 1024,
     desc: str = "rank",
     progress: bool = True,
-) -> Any:
+) -> torch.Tensor:
     """`[Q, k]` ranking assembled from `top_k(start, stop, exclude_rows) -> [stop-start, k]`
     over query chunks, with a progress bar; `exclude_rows` is the chunk's `ItemSets`."""
     import torch
@@ -211,22 +218,22 @@ def rank_in_chunks(
 
 
 def exact_ranking(
-    query_emb: Any,
-    item_emb: Any,
-    exclude: Any,
+    query_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    exclude: ItemSets,
     k: int,
     *,
     query_chunk_size: int = 512,
     item_chunk_size: int = 65536,
     progress: bool = True,
-) -> Any:
+) -> torch.Tensor:
     """Exact (brute-force) `[Q, k]` ranking by inner product, context items excluded.
 
     A score block is ``query_chunk_size x item_chunk_size`` float32 (128 MiB by default);
     wide item chunks mean fewer running top-k merges, which dominate at K = 1000."""
     from retrieval.ranking import exact_top_k
 
-    def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
+    def top_k(start: int, stop: int, exclude_rows: ItemSets) -> torch.Tensor:
         _, ranking = exact_top_k(
             query_emb[start:stop],
             item_emb,
@@ -243,15 +250,15 @@ def exact_ranking(
 
 
 def ann_ranking(
-    index: Any,
-    query_emb: Any,
-    exclude: Any,
+    index: IndexVersion,
+    query_emb: torch.Tensor,
+    exclude: ItemSets,
     k: int,
     *,
-    row_map: Any = None,
+    row_map: torch.Tensor | None = None,
     query_chunk_size: int = 1024,
     progress: bool = True,
-) -> Any:
+) -> torch.Tensor:
     """`[Q, k]` ranking through an ANN index: per chunk, search ``k + max excluded`` rows,
     drop the excluded ones, keep k (the service's `exclude_seen` does the same).
 
@@ -261,7 +268,7 @@ def ann_ranking(
 
     from retrieval.ranking import drop_excluded
 
-    def top_k(start: int, stop: int, exclude_rows: Any) -> Any:
+    def top_k(start: int, stop: int, exclude_rows: ItemSets) -> torch.Tensor:
         sizes = exclude_rows.sizes()
         fetch = k + (int(sizes.max()) if len(sizes) else 0)
         fetch = min(fetch, max(k, int(index.num_items)))
@@ -296,7 +303,7 @@ def resolve_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tupl
     return kept, dropped
 
 
-def _check_index_matches(index: Any, bundle: Any) -> None:
+def _check_index_matches(index: IndexVersion, bundle: ModelBundle) -> None:
     """Refuse an index built from another model (when its manifest records the model)."""
     manifest = dict(getattr(index, "manifest", {}) or {})
     model_section = manifest.get("model")
@@ -319,7 +326,7 @@ def _check_index_matches(index: Any, bundle: Any) -> None:
         )
 
 
-def index_row_map(index: Any, encoder: Any) -> Any:
+def index_row_map(index: IndexVersion, encoder: FeatureEncoder) -> torch.Tensor | None:
     """`[index.num_items]` int64: the encoder's item row of each index label, or None when
     the index labels are already the encoder's rows (the usual case)."""
     import numpy as np
@@ -354,7 +361,7 @@ def evaluate_bundle(
     max_users: int = 0,
     seed: int = 0,
     baselines: Sequence[str] = DEFAULT_BASELINES,
-    grids: Any = None,
+    grids: BaselineGrids | None = None,
     tuning_max_users: int = 0,
     cold: str | None = None,
     progress: bool = True,
@@ -398,7 +405,7 @@ def evaluate_bundle(
             raise ValueError(f"`baselines` entries must be in {list(allowed)}; got {name!r}")
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with timed(timings, "load"):
+    with stage("load", timings):
         bundle = load_bundle(model_dir)
         dataset = load_dataset(data_dir)
         encoder = bundle.encoder
@@ -412,7 +419,7 @@ def evaluate_bundle(
     if dropped:
         logger.info("dropping K %s: not below the catalog size (%d items)", dropped, num_items)
     k_max = max(ks)
-    with timed(timings, "queries"):
+    with stage("queries", timings):
         user_features = encode_users_in_encoder_order(encoder, dataset)
         queries = build_eval_queries(
             encoder, dataset, split, max_users=max_users, seed=seed, user_features=user_features
@@ -430,10 +437,10 @@ def evaluate_bundle(
                 )
             queries = cold_queries(queries, encoder, cold_record)
     model = bundle.model.eval()
-    with timed(timings, "embed"):
+    with stage("embed", timings):
         item_emb = embed_catalog(model, encoder, dataset.items, progress=progress)
         query_emb = embed_queries(model, queries, progress=progress)
-    with timed(timings, "exact"):
+    with stage("exact", timings):
         exact = exact_ranking(query_emb, item_emb, queries.exclude, k_max, progress=progress)
         model_metrics: dict[str, Any] = dict(ranking_metrics_of(exact, queries, ks))
     model_metrics["search_seconds"] = timings["exact"]
@@ -443,7 +450,7 @@ def evaluate_bundle(
     if index_root is not None:
         from retrieval.index_store import load_index_version
 
-        with timed(timings, "ann"):
+        with stage("ann", timings):
             index = load_index_version(index_root, index_version)
             _check_index_matches(index, bundle)
             row_map = index_row_map(index, encoder)
@@ -476,7 +483,7 @@ def evaluate_bundle(
     del exact
 
     if baselines:
-        with timed(timings, "baselines"):
+        with stage("baselines", timings):
             valid_queries = (
                 queries
                 if split == "valid" and not tuning_max_users
@@ -535,7 +542,7 @@ def evaluate_bundle(
 
 
 def ranking_metrics_of(
-    ranking: Any, queries: Any, ks: Sequence[int], *, chunk_size: int = 8192
+    ranking: torch.Tensor, queries: EvalQueries, ks: Sequence[int], *, chunk_size: int = 8192
 ) -> dict[str, float | int]:
     """`ranking_metrics` over query chunks, combined by user counts (each chunk's per-user
     float64 work arrays are ``[chunk, K]``, not ``[Q, K]``, which at 100k users and
@@ -674,7 +681,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_evaluate(subparsers: Any) -> None:
+def register_evaluate(subparsers: Subparsers) -> None:
     """Add `retrieval evaluate` (the `retrieval.commands` entry point)."""
     parser = subparsers.add_parser(
         "evaluate",
@@ -686,7 +693,9 @@ def register_evaluate(subparsers: Any) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory")
     parser.add_argument("--index", type=Path, help="published index root: also evaluate ANN")
     parser.add_argument("--index-version", help="index version under --index (default current)")
-    parser.add_argument("--split", choices=("valid", "test"), default="test", help="target split")
+    parser.add_argument(
+        "--split", choices=QUERY_SPLITS, default=QUERY_SPLITS[-1], help="target split"
+    )
     parser.add_argument(
         "--k", default=",".join(map(str, DEFAULT_KS)), help="cut-offs (default %(default)s)"
     )

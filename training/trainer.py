@@ -24,12 +24,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +67,7 @@ from retrieval.features import (
     FeatureKind,
 )
 from retrieval.loss import RetrievalTask
+from retrieval.stages import stage
 from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
 from training import distributed as dist_utils
 from training.config import TrainConfig
@@ -82,14 +80,6 @@ Batch = dict[str, torch.Tensor]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
-
-
-@contextmanager
-def stage(name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    logger.info("stage %s ...", name)
-    yield
-    logger.info("stage %s done in %.1fs", name, time.perf_counter() - start)
 
 
 def id_feature_names(schema: DatasetSchema) -> tuple[str, ...]:
@@ -854,7 +844,3 @@ def format_recall_table(metrics: dict[str, Any], ks: tuple[int, ...] = (10, 20, 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))

@@ -20,8 +20,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.features import SPLITS
+
 TRAIN, VALID, TEST = 0, 1, 2
-SPLIT_NAMES = ("train", "valid", "test")
+SPLIT_NAMES = SPLITS  # code c is SPLIT_NAMES[c] (the names themselves live in features.py)
 MIN_INTERACTIONS_TO_SPLIT = 3
 TRAIN_FRACTION = 0.8
 VALID_END_FRACTION = 0.9

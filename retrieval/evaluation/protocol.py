@@ -24,11 +24,12 @@ import torch
 from retrieval.data.dataset import Dataset
 from retrieval.encoders import FeatureEncoder
 from retrieval.evaluation.metrics import ItemSets, evaluate_retrieval
-from retrieval.features import ITEM_ID, SPLIT, USER_ID, FeatureKind
+from retrieval.features import ITEM_ID, SPLIT, SPLITS, USER_ID, FeatureKind
 
 Batch = dict[str, torch.Tensor]
 
-CONTEXT_SPLITS = {"valid": ("train",), "test": ("train", "valid")}
+# The splits a split's queries see as context (their items are excluded from the ranking).
+CONTEXT_SPLITS = {SPLITS[1]: SPLITS[:1], SPLITS[2]: SPLITS[:2]}  # valid: train; test: both
 
 
 def history_feature_name(encoder: FeatureEncoder) -> str | None:

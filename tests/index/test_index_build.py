@@ -22,7 +22,7 @@ from index_fixtures import NUM_ITEMS, make_random_bundle, odd_item_id, write_cat
 
 from index.build import BuildOptions, RecallGateError, build_index
 from index.publish import IndexBuildError, root_lock
-from retrieval import index_store
+from retrieval import index_format
 from retrieval.bundle import load_bundle
 from retrieval.index_store import list_versions, load_index_version, read_current
 from retrieval.ranking import exact_top_k
@@ -208,7 +208,7 @@ def test_disk_full_while_writing_keeps_current(
         Path(path).write_bytes(b"half an index")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(index_store.faiss, "write_index", write_then_fail)
+    monkeypatch.setattr(index_format.faiss, "write_index", write_then_fail)
     with pytest.raises(IndexBuildError, match=r"No space left on device.*CURRENT is unchanged"):
         build(index_bundle, index_data, tmp_path)
     assert read_current(tmp_path) == good.version

@@ -12,12 +12,8 @@ import pytest
 import torch
 
 from index.build import BuildOptions, build_index, resolve_device
-from retrieval.index_store import (
-    GPU_MAX_K,
-    faiss_has_gpu,
-    load_index_version,
-    reconstruct_all,
-)
+from retrieval.index_store import load_index_version
+from retrieval.searchers import GPU_MAX_K, faiss_has_gpu, reconstruct_all
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none on this machine"

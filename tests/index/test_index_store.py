@@ -1,5 +1,6 @@
-"""The index version format (retrieval/index_store.py): round trip against a plain exact
-search, id mapping, checksums, unsafe paths, listing and the recall formula."""
+"""The index version format (retrieval/index_format.py, loaded by retrieval/index_store.py):
+round trip against a plain exact search, id mapping, checksums, unsafe paths, listing and
+the recall formula (index/recall.py)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,22 @@ import pyarrow as pa
 import pytest
 import torch
 
-from retrieval.index_store import (
+from index.recall import recall_against_exact
+from retrieval.index_format import (
     CURRENT_FILE,
     ChecksumMismatchError,
     IndexStoreError,
     assemble_shards,
     list_versions,
-    load_index_version,
     parse_search_params,
     read_current,
-    recall_against_exact,
-    reconstruct_all,
     shard_indexes,
     verify_index_version,
     write_index_version,
 )
+from retrieval.index_store import load_index_version
 from retrieval.ranking import exact_top_k
+from retrieval.searchers import reconstruct_all
 
 IDS = pa.array(["a,b", 'q"uote', "tab\tnew\nline", "\u00e9\U0001f600", "", "../x", "7"])
 

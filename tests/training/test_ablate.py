@@ -12,15 +12,15 @@ from tiny_data import tiny_train_config
 from retrieval.cli import main
 from retrieval.encoders import FeatureEncoder
 from training import trainer
-from training.ablate import (
+from training.ablation import (
     CostModel,
     Variant,
-    _same_budget,
     match_variant_params,
     plan_variants,
     run_ablation,
     variant_config,
 )
+from training.ablation.run import _same_budget
 
 
 @pytest.fixture(scope="module")
