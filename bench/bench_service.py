@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="search IVF-SQ8 with retrieval.ivf_scan (the service default) or with FAISS",
     )
+    parser.add_argument(
+        "--fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer POST /v1/retrieve through the plain Starlette route (the service default) "
+        "or through the FastAPI route (RETRIEVAL_FAST_PATH)",
+    )
     parser.add_argument("--floor-repeats", type=int, default=200, help="batches per floor size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -187,6 +194,7 @@ def start_server(
         "RETRIEVAL_MAX_IN_FLIGHT": "4096",
         "RETRIEVAL_REQUEST_TIMEOUT_S": "10",
         "RETRIEVAL_LIST_SCANNER": str(args.list_scanner).lower(),
+        "RETRIEVAL_FAST_PATH": str(args.fast_path).lower(),
     }
     log(f"server: {' '.join(command)} (log {log_path})")
     handle = log_path.open("wb")
@@ -434,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_wait_ms": args.max_wait_ms,
             "threads": args.threads,
             "batch_workers": args.batch_workers,
+            "fast_path": args.fast_path,
             "search_path": results.get("search_path"),
             "start_s": results.get("server_start_s"),
         },
@@ -465,7 +474,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"(mean overlap {report['correctness']['mean_overlap']})",
         f"server: {report['server']['batch_workers']} batch worker(s), "
         f"{report['server']['threads']} torch/FAISS thread(s) each, search path "
-        f"{report['server']['search_path']}",
+        f"{report['server']['search_path']}, fast path "
+        f"{'on' if report['server'].get('fast_path', True) else 'off'}",
         "",
         f"{'load':<14} {'QPS':>8} {'mean':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'batch':>6} "
         f"{'err':>5} {'cpu ms/req':>10}",

@@ -44,7 +44,6 @@ from service.cache import ResponseCache
 from service.dependencies import Services
 from service.engine import RetrievalEngine
 from service.errors import install_error_handlers
-from service.fast_path import RetrieveFastPath
 from service.feature_store import (
     META_KEY,
     FeatureStore,
@@ -372,12 +371,11 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     app.state.load_error = None
     install_openapi(app, settings)
     install_error_handlers(app)
+    if settings.fast_path:  # ahead of the FastAPI route of the same path: it answers
+        app.router.routes.append(retrieve.LEAN_RETRIEVE_ROUTE)
     app.include_router(retrieve.router)
     app.include_router(info.router)
     app.include_router(health.router)
-    app.state.fast_path = {"answered": 0, "handed_over": 0}
-    if settings.fast_path:
-        app.add_middleware(RetrieveFastPath)  # innermost: admitted, bounded, counted
     app.add_middleware(AdmissionGateMiddleware)  # the body is already bounded
     app.add_middleware(
         BodySizeLimitMiddleware,

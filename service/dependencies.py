@@ -2,15 +2,17 @@
 
 Tests replace any of these with ``app.dependency_overrides[get_engine] = ...``. The
 providers are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies on a
-thread pool, a thread hop per dependency per request.
+thread pool, a thread hop per dependency per request. A plain Starlette endpoint gets
+the same objects, overrides included, through `resolve_dependency`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader
@@ -79,6 +81,25 @@ async def get_engine(request: Request) -> RetrievalEngine:
 
 async def get_limiter(request: Request) -> AdmissionLimiter:
     return (await get_services(request)).limiter
+
+
+T = TypeVar("T")
+
+
+async def resolve_dependency(request: Request, provider: Callable[[Request], Awaitable[T]]) -> T:
+    """What ``Depends(provider)`` gives a FastAPI route, for a plain Starlette endpoint.
+
+    ``app.dependency_overrides[provider]`` is used when set: called with the request when
+    it takes an argument, without one otherwise, and awaited when it returns an awaitable
+    (the forms tests use; sub-dependencies of an override are not resolved).
+    """
+    override = request.app.dependency_overrides.get(provider)
+    if override is None:
+        return await provider(request)
+    value = override(request) if inspect.signature(override).parameters else override()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 # Declared in the OpenAPI document (a security scheme on every /v1 route); checked below,

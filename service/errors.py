@@ -213,8 +213,8 @@ def unexpected_answer(method: str, path: str) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every error to its HTTP answer (the one place where this happens; the
-    /v1/retrieve fast path, `service.fast_path`, uses the same answers)."""
+    """Map every error to its HTTP answer (the one place where this happens, for the
+    FastAPI routes and the plain Starlette route of /v1/retrieve alike)."""
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)

@@ -173,8 +173,9 @@ class APIKeyMiddleware:
     """401 for a /v1 request whose ``X-API-Key`` header is missing or wrong, from the headers.
 
     It sits outside the body limits: the body of a refused request is never read, and the
-    connection is closed after the answer. `service.dependencies.require_api_key` checks
-    the same key again on the routes (and declares it in the OpenAPI document).
+    connection is closed after the answer. This is the check of record; the FastAPI routes'
+    `service.dependencies.require_api_key` declares the key in the OpenAPI document (and
+    checks it again, with the same comparison, `api_key_matches`).
 
     Args:
         app: the next ASGI application.

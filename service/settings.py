@@ -166,9 +166,10 @@ class ServiceSettings(BaseSettings):
     )
     fast_path: bool = Field(
         default=True,
-        description="Answer well-formed POST /v1/retrieve requests without FastAPI's "
-        "per-request machinery (`service.fast_path`: same answers, less CPU); anything "
-        "else still goes through FastAPI.",
+        description="Answer POST /v1/retrieve through a plain Starlette route "
+        "(`service.routes.retrieve.LEAN_RETRIEVE_ROUTE`: the FastAPI route's dependencies, "
+        "answers and errors, without FastAPI's dependency solving and body handling per "
+        "request) instead of the FastAPI route.",
     )
     list_scanner: bool = Field(
         default=True,

@@ -20,9 +20,12 @@ from retrieval.bundle import load_bundle
 from retrieval.index_store import load_index_version
 from retrieval.row_encoding import encode_query_rows
 from service.app import create_app
-from service.errors import DependencyError
+from service.dependencies import get_engine
+from service.errors import DependencyError, NotReadyError
 from service.feature_store import InProcessFeatureStore
 from service.query import QuerySchema, normalize_query
+from service.routes.retrieve import LEAN_RETRIEVE_ROUTE
+from service.schemas import RetrieveRequest
 from service.settings import ServiceSettings
 
 QUERY = {"gender": "F", "occupation": "engineer", "age_bucket": "25-34", "history": ["m 003/x"]}
@@ -247,8 +250,8 @@ def test_readiness_flips_when_draining(client: TestClient) -> None:
 def test_errors_map_to_status_codes_without_tracebacks(
     tiny_bundle: Path, tiny_index: Path, monkeypatch: pytest.MonkeyPatch, fast_path: bool
 ) -> None:
-    """A failing engine gets the mapped status and a bare body, on the fast path
-    (`service.fast_path`) and through FastAPI alike."""
+    """A failing engine gets the mapped status and a bare body, through the plain Starlette
+    route (`fast_path`) and through FastAPI alike."""
 
     def failing(error: Exception) -> Any:
         async def prepare(*args: Any, **kwargs: Any) -> Any:
@@ -272,7 +275,7 @@ def test_errors_map_to_status_codes_without_tracebacks(
             "error": {"code": "internal_error", "message": "internal server error"}
         }
         assert "Traceback" not in crash.text and "passwd" not in crash.text
-        assert client.app.state.fast_path["answered"] == (2 if fast_path else 0)  # type: ignore[attr-defined]
+        assert (LEAN_RETRIEVE_ROUTE in client.app.routes) == fast_path  # type: ignore[attr-defined]
 
 
 def test_api_key(tiny_bundle: Path, tiny_index: Path) -> None:
@@ -361,25 +364,49 @@ def test_list_scanner_serves_what_faiss_serves(
 
 
 def test_fast_path_answers_like_fastapi(
-    tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path
+    tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`service.fast_path` on and off: the same answers (took_ms aside) and the same errors;
-    malformed requests, other content types and a wrong API key go to FastAPI."""
+    """`fast_path` on (the plain Starlette route `LEAN_RETRIEVE_ROUTE`) and off (the FastAPI
+    route): the same answers (took_ms aside) and the same errors, malformed bodies, other
+    content types and a wrong API key included; both counted under the route's label."""
     key = "k" * 24
-    bodies: list[Any] = [
-        {"query": QUERY, "k": 25},
-        {"user_id": "u001", "k": 40, "exclude_seen": True, "exclude_ids": ["m 003/x"]},
-        {"user_id": "u002", "query": QUERY, "k": 7.0},
-        {"query": QUERY, "k": 0},  # 422 from the engine's check (the fast path renders it)
-        {"query": {"no_such_feature": 1}},  # 422 from normalize_query
-        {"user_id": "nobody"},  # 404
-        {"query": QUERY, "k": "5"},  # 422 from pydantic: handed over
-        {"query": QUERY, "surprise": 1},  # 422 extra field: handed over
-        [1, 2],  # not an object: handed over
-        "{not json",  # handed over: FastAPI's 'not valid JSON'
+    json_type = "application/json"
+    requests: list[tuple[str | bytes, str | None]] = [
+        (json.dumps({"query": QUERY, "k": 25}), json_type),
+        (
+            json.dumps(
+                {"user_id": "u001", "k": 40, "exclude_seen": True, "exclude_ids": ["m 003/x"]}
+            ),
+            json_type,
+        ),
+        (
+            json.dumps({"user_id": "u002", "query": QUERY, "k": 7.0}),
+            "application/json; charset=utf-8",
+        ),
+        (json.dumps({"query": QUERY, "k": 3}), "application/vnd.api+json"),  # a JSON subtype
+        (json.dumps({"query": QUERY, "k": 0}), json_type),  # 422 from the engine's check
+        (json.dumps({"query": {"no_such_feature": 1}}), json_type),  # 422 from normalize_query
+        (json.dumps({"user_id": "nobody"}), json_type),  # 404
+        (json.dumps({"query": QUERY, "k": "5"}), json_type),  # 422 from pydantic
+        (json.dumps({"query": QUERY, "surprise": 1}), json_type),  # 422 extra field
+        ('{"query": {"age": NaN}, "k": 3}', json_type),  # json.loads reads NaN
+        ("[1, 2]", json_type),  # not an object
+        ("null", json_type),
+        ("{not json", json_type),  # FastAPI's 'not valid JSON'
+        (b'{"user_id": "u\xff"}', json_type),  # not UTF-8
+        ("", json_type),  # an empty body
+        (json.dumps({"query": QUERY}), "text/plain"),  # not a JSON content type
+        (json.dumps({"query": QUERY}), None),  # no content type
     ]
+    lean_parses: list[bytes] = []  # only the Starlette route validates from the bytes
+    validate_json = RetrieveRequest.model_validate_json
+
+    def counted(data: bytes, **kwargs: Any) -> RetrieveRequest:
+        lean_parses.append(data)
+        return validate_json(data, **kwargs)
+
+    monkeypatch.setattr(RetrieveRequest, "model_validate_json", counted)
     seen: dict[bool, list[tuple[int, Any]]] = {}
-    counts: dict[bool, dict[str, int]] = {}
     for fast_path in (True, False):
         settings = ServiceSettings(
             model_dir=tiny_bundle,
@@ -388,34 +415,66 @@ def test_fast_path_answers_like_fastapi(
             api_key=SecretStr(key),
             fast_path=fast_path,
         )
+        lean_parses.clear()
         with TestClient(create_app(settings)) as client:
             answers = []
-            for body in bodies:
-                content = body if isinstance(body, str) else json.dumps(body)
-                response = client.post(
-                    "/v1/retrieve",
-                    content=content,
-                    headers={"content-type": "application/json", "x-api-key": key},
-                )
+            for content, content_type in requests:
+                headers = {"x-api-key": key}
+                if content_type is not None:
+                    headers["content-type"] = content_type
+                response = client.post("/v1/retrieve", content=content, headers=headers)
                 payload = response.json()
                 payload.pop("took_ms", None)
                 answers.append((response.status_code, payload))
             wrong_key = client.post(
                 "/v1/retrieve",
-                content=json.dumps(bodies[0]),
-                headers={"content-type": "application/json", "x-api-key": "x" * 24},
+                content=requests[0][0],
+                headers={"content-type": json_type, "x-api-key": "x" * 24},
             )
             answers.append((wrong_key.status_code, wrong_key.json()))
+            get = client.get("/v1/retrieve", headers={"x-api-key": key})
+            answers.append((get.status_code, get.json()))
             metrics = client.get("/metrics").text
-            assert 'route="/v1/retrieve"' in metrics and 'status="200"' in metrics
+            for method, status in [("POST", s) for s in (200, 401, 404, 422)] + [("GET", 405)]:
+                label = f'method="{method}",route="/v1/retrieve",status="{status}"'
+                assert label in metrics, label
+            # plain JSON content types only (14 of them); the rest go FastAPI's way at once
+            assert len(lean_parses) == (14 if fast_path else 0)
             seen[fast_path] = answers
-            counts[fast_path] = dict(client.app.state.fast_path)  # type: ignore[attr-defined]
     assert seen[True] == seen[False]
-    assert [status for status, _ in seen[True]] == [200, 200, 200, 422, 422, 404] + [422] * 4 + [
-        401
-    ]
-    assert counts[True] == {"answered": 6, "handed_over": 4}
-    assert counts[False] == {"answered": 0, "handed_over": 0}
+    statuses = [status for status, _ in seen[True]]
+    assert statuses == [200, 200, 200, 200, 422, 422, 404] + [422] * 10 + [401, 405], statuses
+
+
+def test_fast_path_takes_dependency_overrides_and_checks_readiness_first(
+    tiny_bundle: Path, tiny_index: Path
+) -> None:
+    """The plain Starlette route gets its objects through the FastAPI route's providers:
+    an override of `get_engine` is used, and a body pydantic refuses answers 503 while the
+    model is not loaded (as through FastAPI) but an undecodable body answers 422 first."""
+    settings = ServiceSettings(model_dir=tiny_bundle, index_root=tiny_index, fast_path=True)
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        calls: list[int] = []
+
+        def override() -> Any:
+            calls.append(1)
+            return engine
+
+        app.dependency_overrides[get_engine] = override
+        assert retrieve(client, {"query": {}, "k": 3}).status_code == 200 and calls == [1]
+        app.dependency_overrides.clear()
+
+        async def not_loaded() -> Any:
+            raise NotReadyError("the model and index are not loaded yet", retry_after_s=1)
+
+        app.dependency_overrides[get_engine] = not_loaded
+        assert retrieve(client, {"query": {}, "k": "5"}).status_code == 503
+        bad_json = client.post(
+            "/v1/retrieve", content="{x", headers={"content-type": "application/json"}
+        )
+        assert bad_json.status_code == 422 and bad_json.json()["error"]["field"] == "body"
 
 
 def test_serve_reads_the_redis_url_from_a_file_flag_or_the_environment(
