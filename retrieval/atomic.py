@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -193,3 +193,24 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         while block := handle.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_listed_files(
+    root: Path, listed: Iterable[str], present: Iterable[str], error: type[Exception]
+) -> None:
+    """Raise `error` unless the files `present` in the artifact directory `root` are exactly
+    those its manifest `listed` (relative POSIX paths): a missing file means a damaged
+    artifact, an extra one a tampered (or half-replaced) one.
+
+    >>> check_listed_files(Path("v"), ["a", "b"], ["a"], ValueError)
+    Traceback (most recent call last):
+    ...
+    ValueError: v: files listed in the manifest are missing: ['b']
+    """
+    listed, present = set(listed), set(present)
+    missing = sorted(listed - present)
+    if missing:
+        raise error(f"{root}: files listed in the manifest are missing: {missing}")
+    extra = sorted(present - listed)
+    if extra:
+        raise error(f"{root}: files not listed in the manifest: {extra}")

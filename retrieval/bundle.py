@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from retrieval.atomic import atomic_directory, sha256_file
+from retrieval.atomic import atomic_directory, check_listed_files, sha256_file
 from retrieval.encoders import FeatureEncoder
 from retrieval.towers import ModelConfig, TwoTowerModel
 
@@ -172,13 +172,8 @@ def _verify_bundle(root: Path) -> tuple[dict[str, Any], str]:
     for required in (MODEL_CONFIG_FILE, WEIGHTS_FILE):
         if required not in expected:
             raise BundleError(f"{root}: manifest does not list {required}")
-    present = {p.relative_to(root).as_posix() for p in _bundle_files(root)}
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise BundleError(f"{root}: files listed in the manifest are missing: {missing}")
-    extra = sorted(present - set(expected))
-    if extra:
-        raise BundleError(f"{root}: files not listed in the manifest: {extra}")
+    present = [p.relative_to(root).as_posix() for p in _bundle_files(root)]
+    check_listed_files(root, expected, present, BundleError)
     for rel, digest in expected.items():
         path = (root / rel).resolve()
         if not path.is_relative_to(root.resolve()):

@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval.atomic import TMP_PREFIX, atomic_directory, sha256_file
+from retrieval.atomic import TMP_PREFIX, atomic_directory, check_listed_files, sha256_file
 
 INDEX_FORMAT = "two-tower-index"
 INDEX_FORMAT_VERSION = 1  # one index file; what a single-index version is written as
@@ -289,13 +289,7 @@ def verify_index_version(path: str | Path) -> dict[str, Any]:
         if name not in files:
             raise IndexStoreError(f"{root}: manifest `files` does not list its {what} {name!r}")
     resolved = {rel: safe_member(root, rel) for rel in files}
-    present = _version_files(root)
-    missing = sorted(set(files) - present)
-    if missing:
-        raise IndexStoreError(f"{root}: files listed in the manifest are missing: {missing}")
-    extra = sorted(present - set(files))
-    if extra:
-        raise IndexStoreError(f"{root}: files not listed in the manifest: {extra}")
+    check_listed_files(root, files, _version_files(root), IndexStoreError)
     for rel, digest in files.items():
         actual = sha256_file(resolved[rel])
         if actual != digest:
