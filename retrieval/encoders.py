@@ -23,7 +23,7 @@ serving uses each user's last N items (`history_at_end`).
 Encoding has two entrances with one per-kind dispatch (`encode_feature`) and one padding
 step (`pad_codes`): the table path (`FeatureEncoder.encode_users`, `encode_items`,
 `encode_queries`: Arrow columns, e.g. users.parquet) and the row path the service runs
-on each batch of checked queries (`FeatureEncoder.row_encoder`, in
+on each batch of checked queries (`retrieval.row_encoding.QueryRowEncoder`, in
 `retrieval.row_encoding`: Python values, with cached codes), which gives the same tensors.
 
 Example:
@@ -44,7 +44,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -70,9 +70,6 @@ from retrieval.features import (
     FeatureKind,
     FeatureSpec,
 )
-
-if TYPE_CHECKING:
-    from retrieval.row_encoding import QueryRowEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -1037,31 +1034,9 @@ class FeatureEncoder:
         feature, a list column named after it: each row's item ids, most recent first. The
         first `max_length` ids are kept, unknown ids map to OOV, PAD (0) follows. This is
         the table path of inline queries, which the serving row encoder
-        (`FeatureEncoder.row_encoder`) equals row for row.
+        (`retrieval.row_encoding.QueryRowEncoder`) equals row for row.
         """
         return self._encode_table("query", queries, "queries", with_history=True)
-
-    def row_encoder(
-        self,
-        *,
-        cache_capacity: int = 1_000_000,
-        prefill: bool = False,
-        code_cache_size: int = 100_000,
-    ) -> QueryRowEncoder:
-        """The fast encoder of query rows for serving (`retrieval.row_encoding`): the same
-        tensors as `encode_queries`, with per-feature code caches in front of the lookups.
-
-        Args:
-            cache_capacity: most vocabulary values `prefill` keeps per feature.
-            prefill: cache every vocabulary's values now (the most frequent first).
-            code_cache_size: most values kept per feature from the lookups made while
-                encoding, the least recently used dropped first.
-        """
-        from retrieval.row_encoding import QueryRowEncoder  # it builds on this module
-
-        return QueryRowEncoder(
-            self, cache_capacity=cache_capacity, prefill=prefill, code_cache_size=code_cache_size
-        )
 
     # ----------------------------------------------------------------- ids
 

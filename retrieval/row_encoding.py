@@ -2,7 +2,7 @@
 
 A query row holds checked raw values keyed like the columns of `users.parquet` (the
 query tower's non-history features) and the history as item ids, **most recent first**
-(`QueryRow`). `QueryRowEncoder` (made by `FeatureEncoder.row_encoder`) encodes a batch of
+(`QueryRow`). `QueryRowEncoder` (built on the bundle's `FeatureEncoder`) encodes a batch of
 rows to exactly the tensors of the encoder's table path, `FeatureEncoder.encode_queries`
 (`encode_query_rows` runs that path on rows; the tests compare the two row for row). Both
 go through the same per-kind dispatch (`retrieval.encoders.encode_feature`) and the same
@@ -32,7 +32,7 @@ Example:
     ...     item_ids=["i1", "i2"],
     ... )
     >>> rows = [QueryRow({"country": "de"}, ("i2", "x", "i1")), QueryRow({})]
-    >>> batch = encoder.row_encoder().encode(rows)
+    >>> batch = QueryRowEncoder(encoder).encode(rows)
     >>> batch["country"].tolist(), batch["history"].tolist()
     ([3, 1], [[3, 1], [0, 0]])
     >>> all(torch.equal(batch[k], v) for k, v in encode_query_rows(encoder, rows).items())
@@ -236,7 +236,7 @@ class QueryRowEncoder:
 
     Categorical, bag, hashed and history codes go through per-feature `_CodeCache`s
     (codes from the encoder itself); dense values through `encode_dense` with the fitted
-    statistics. Build it with `FeatureEncoder.row_encoder`; it is safe to call from
+    statistics. Build it from the bundle's `FeatureEncoder`; it is safe to call from
     several threads at once.
 
     Args:

@@ -23,7 +23,7 @@ beyond float32's range (|x| > 3.4028235e38), or, with the train statistics known
 train mean (the OpenAPI document publishes the same interval per feature). The
 feature store's records go through the same checks. Encoding is the library's: a checked
 query is a `retrieval.row_encoding.QueryRow`, and the model bundle's own `FeatureEncoder`
-encodes batches of them (`FeatureEncoder.row_encoder`), so a query built from a `user_id`
+encodes batches of them (`retrieval.row_encoding.QueryRowEncoder`), so a query built from a `user_id`
 is encoded exactly as `retrieval.evaluation` encodes it offline.
 
 Example:
@@ -167,7 +167,7 @@ class QuerySchema:
 class QueryFeatures(QueryRow):
     """One query's checked raw values: column -> value, and history ids (most recent first).
 
-    A `QueryRow`, so the encoder's row encoder (`FeatureEncoder.row_encoder`) encodes it.
+    A `QueryRow`, so the encoder's row encoder (`retrieval.row_encoding.QueryRowEncoder`) encodes it.
     """
 
     def canonical(self) -> dict[str, Any]:

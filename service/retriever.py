@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from retrieval.encoders import FeatureEncoder
+from retrieval.row_encoding import QueryRowEncoder
 from service.errors import NotReadyError, QueryEmbeddingError, SearchResultError
 from service.index_manager import ServingIndex
 from service.query import QueryFeatures, QuerySchema
@@ -96,9 +97,9 @@ class Retriever:
             worker; each thread that runs `run_batch` applies it once. (Left at the core
             count, a worker's searches woke a second OpenMP thread that spin-waited between
             batches: ~1 ms of CPU per request taken from the event loop.)
-        prefill_codes: fill the row encoder's code caches now (`FeatureEncoder.row_encoder`).
+        prefill_codes: fill the row encoder's code caches now (`retrieval.row_encoding.QueryRowEncoder`).
         code_cache_size: values looked up while serving kept per feature
-            (`FeatureEncoder.row_encoder`, `ServiceSettings.code_cache_size`).
+            (`retrieval.row_encoding.QueryRowEncoder`, `ServiceSettings.code_cache_size`).
     """
 
     def __init__(
@@ -116,8 +117,8 @@ class Retriever:
             raise ValueError(f"`faiss_threads` must be >= 1; got {faiss_threads}")
         self.encoder = encoder
         self.schema = schema
-        self.batch_encoder = encoder.row_encoder(
-            prefill=prefill_codes, code_cache_size=code_cache_size
+        self.batch_encoder = QueryRowEncoder(
+            encoder, prefill=prefill_codes, code_cache_size=code_cache_size
         )
         self.embed = embed
         self.current_index = current_index

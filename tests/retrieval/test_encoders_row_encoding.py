@@ -21,7 +21,7 @@ from retrieval.encoders import (
     stable_hash_bucket,
 )
 from retrieval.features import OOV_INDEX, DatasetSchema, FeatureKind, FeatureSpec
-from retrieval.row_encoding import QueryRow, encode_query_rows, query_rows_table
+from retrieval.row_encoding import QueryRow, QueryRowEncoder, encode_query_rows, query_rows_table
 
 
 def every_kind_schema() -> DatasetSchema:
@@ -152,7 +152,7 @@ def test_row_encoder_equals_the_table_path_on_random_rows(prefill: bool) -> None
     """30 batches of random rows, tight caches (capacity 3, 4 recent values): every tensor
     equals `encode_query_rows` (the table path), dtype included."""
     encoder = every_kind_encoder()
-    fast = encoder.row_encoder(cache_capacity=3, prefill=prefill, code_cache_size=4)
+    fast = QueryRowEncoder(encoder, cache_capacity=3, prefill=prefill, code_cache_size=4)
     rng = random.Random(1)
     for step in range(30):
         rows = random_rows(rng, rng.randrange(1, 9))
@@ -183,6 +183,6 @@ def test_query_rows_table_and_empty_batches() -> None:
         }
     ]
     with pytest.raises(ValueError, match="at least one query row"):
-        encoder.row_encoder().encode([])
+        QueryRowEncoder(encoder).encode([])
     with pytest.raises(ValueError, match="at least one query row"):
         encode_query_rows(encoder, [])

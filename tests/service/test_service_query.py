@@ -21,7 +21,7 @@ from retrieval.data.dataset import load_dataset
 from retrieval.encoders import OOV_INDEX, DenseStats, FeatureEncoder, Vocabulary
 from retrieval.evaluation import build_eval_queries
 from retrieval.features import DatasetSchema, FeatureKind, FeatureSpec
-from retrieval.row_encoding import encode_query_rows
+from retrieval.row_encoding import QueryRowEncoder, encode_query_rows
 from service.errors import InvalidRequestError
 from service.feature_store import InProcessFeatureStore, iter_user_records
 from service.openapi import query_object_schema
@@ -229,7 +229,7 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
     )
     queries = [normalize_query(q, schema) for q in raw]
     for prefill in (False, True):
-        fast = encoder.row_encoder(cache_capacity=3, prefill=prefill)  # the cap
+        fast = QueryRowEncoder(encoder, cache_capacity=3, prefill=prefill)  # the cap
         for _ in range(2):
             got, want = fast.encode(queries), encode_query_rows(encoder, queries)
             assert sorted(got) == sorted(want)
@@ -239,7 +239,7 @@ def test_batch_encoder_equals_the_reference_encoding(tiny_bundle: Path, tiny_dat
 
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    fast = bundle.encoder.row_encoder()
+    fast = QueryRowEncoder(bundle.encoder)
     store = InProcessFeatureStore.from_dataset(
         tiny_dataset, list(schema.columns), schema.history_length
     )
@@ -263,7 +263,7 @@ def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
     not in it), as the encoder gives it; with a capped cache it is looked up."""
     bundle = load_bundle(tiny_bundle)
     schema = QuerySchema.from_schema(bundle.encoder.schema)
-    fast = bundle.encoder.row_encoder(prefill=True)
+    fast = QueryRowEncoder(bundle.encoder, prefill=True)
     assert schema.history_name is not None
     cached = fast.cached_values()
     assert cached[schema.history_name] == len(bundle.encoder.item_id_vocabulary.values) + 1
@@ -294,7 +294,7 @@ def test_prefilled_encoder_needs_no_lookup_and_equals_the_reference(
     assert calls == [] and int(codes[0, 0]) == OOV_INDEX
     assert torch.equal(codes, encode_query_rows(bundle.encoder, unknown)[schema.history_name])
 
-    capped = bundle.encoder.row_encoder(cache_capacity=2, prefill=True)
+    capped = QueryRowEncoder(bundle.encoder, cache_capacity=2, prefill=True)
     assert capped.cached_values()[schema.history_name] == 2  # null and the first value
     calls.clear()
     codes = capped.encode(unknown)[schema.history_name]
@@ -409,7 +409,7 @@ def test_code_caches_stay_within_their_bound_and_give_the_reference_codes() -> N
     schema = QuerySchema.from_schema(encoder.schema)
     bound = 8
     for prefill in (False, True):
-        fast = encoder.row_encoder(prefill=prefill, code_cache_size=bound)
+        fast = QueryRowEncoder(encoder, prefill=prefill, code_cache_size=bound)
         prefilled = fast.cached_values()  # null + the vocabulary with prefill, else empty
         for step in range(60):
             raw = [
@@ -442,7 +442,7 @@ def test_unknown_vocabulary_values_are_never_cached() -> None:
     entry: they map to OOV, and each would otherwise hold memory for good."""
     encoder = hashed_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
-    fast = encoder.row_encoder()  # no prefill, the default sizes
+    fast = QueryRowEncoder(encoder)  # no prefill, the default sizes
     for start in range(0, 500, 50):
         queries = [
             normalize_query({"country": f"c{i}", "tags": [f"t{i}"], "history": [f"h{i}"]}, schema)
@@ -467,7 +467,7 @@ def test_code_cache_drops_the_least_recently_used_value(monkeypatch: pytest.Monk
     monkeypatch.setattr(encoders, "stable_hash_bucket", counted)
     encoder = hashed_encoder()
     schema = QuerySchema.from_schema(encoder.schema)
-    fast = encoder.row_encoder(code_cache_size=2)
+    fast = QueryRowEncoder(encoder, code_cache_size=2)
 
     def encode_zip(value: str) -> None:
         fast.encode([normalize_query({"zip": value, "terms": ["w"]}, schema)])
@@ -484,4 +484,4 @@ def test_code_cache_drops_the_least_recently_used_value(monkeypatch: pytest.Monk
 def test_code_cache_size_must_not_be_negative() -> None:
     encoder = hashed_encoder()
     with pytest.raises(ValueError, match="code_cache_size"):
-        encoder.row_encoder(code_cache_size=-1)
+        QueryRowEncoder(encoder, code_cache_size=-1)
