@@ -7,7 +7,7 @@ Usage::
     retrieval --help
 
 Each package contributes its subcommands through the ``retrieval.commands`` entry-point
-group (see pyproject.toml): an entry point is a function ``register(subparsers:
+group (see pyproject.toml): an entry point is a function ``register_<command>(subparsers:
 Subparsers)`` that adds one subcommand and sets ``func`` on it. The library therefore
 imports none of the jobs, and a subcommand imports its heavy dependencies only when it runs.
 """

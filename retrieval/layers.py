@@ -40,8 +40,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-CrossKind = Literal["full", "lowrank", "mix", "masked"]
-CROSS_KINDS: tuple[str, ...] = get_args(CrossKind)
+from retrieval.kinds import CROSS_KINDS, CrossKind  # re-exported: the names' home
 
 ExpertActivation = Literal["tanh", "relu", "identity"]
 EXPERT_ACTIVATIONS: tuple[str, ...] = get_args(ExpertActivation)

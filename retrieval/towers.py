@@ -57,6 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.features import PAD_INDEX, FeatureInput, FeatureKind
+from retrieval.kinds import (  # re-exported: the names' home
+    ARRANGEMENTS,
+    HISTORY_POOLINGS,
+    Arrangement,
+    HistoryPooling,
+)
 from retrieval.layers import (
     CROSS_KINDS,
     EXPERT_ACTIVATIONS,
@@ -71,10 +77,6 @@ from retrieval.layers import (
 
 logger = logging.getLogger(__name__)
 
-Arrangement = Literal["parallel", "stacked", "deep", "cross"]
-ARRANGEMENTS: tuple[str, ...] = get_args(Arrangement)
-HistoryPooling = Literal["mean", "position"]
-HISTORY_POOLINGS: tuple[str, ...] = get_args(HistoryPooling)
 USES_CROSS = frozenset({"parallel", "stacked", "cross"})
 USES_MLP = frozenset({"parallel", "stacked", "deep"})
 

@@ -36,8 +36,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retrieval.layers import CROSS_KINDS
-from retrieval.towers import ARRANGEMENTS
+from retrieval.kinds import ARRANGEMENTS, CROSS_KINDS
 
 if TYPE_CHECKING:
     from retrieval.cli import Subparsers

@@ -83,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Subparsers) -> None:
+def register_train(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a two-tower model and write a model bundle",
@@ -104,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_train(args)
 
 
-__all__ = ["json", "main", "register"]
+__all__ = ["json", "main", "register_train"]

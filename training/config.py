@@ -31,9 +31,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from retrieval.evaluation.baselines import BASELINES
-from retrieval.layers import CROSS_KINDS, CrossKind
-from retrieval.towers import ARRANGEMENTS, HISTORY_POOLINGS, Arrangement, HistoryPooling
+from retrieval.kinds import (
+    ARRANGEMENTS,
+    BASELINES,
+    CROSS_KINDS,
+    HISTORY_POOLINGS,
+    Arrangement,
+    CrossKind,
+    HistoryPooling,
+)
 
 __all__ = [
     "ARRANGEMENTS",

@@ -130,7 +130,7 @@ def serve_and_query(
                 server.kill()
 
 
-def register(subparsers: Subparsers) -> None:
+def register_demo(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the whole pipeline on MovieLens-100K (what `make demo` runs)",

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrieval.features import SPLITS
+from retrieval.kinds import BASELINES
 from retrieval.stages import stage
 
 if TYPE_CHECKING:  # the job's heavy modules are imported when it runs, not at `--help`
@@ -399,7 +400,7 @@ def evaluate_bundle(
     )
     from retrieval.evaluation.protocol import cold_queries
 
-    allowed = bl.COLD_BASELINES if cold else bl.BASELINES
+    allowed = bl.COLD_BASELINES if cold else BASELINES
     for name in baselines:
         if name not in allowed:
             raise ValueError(f"`baselines` entries must be in {list(allowed)}; got {name!r}")

@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retrieval.cli import Subparsers
 
 MOVIELENS_CHOICES = ("ml-100k", "ml-1m")
 
@@ -33,7 +36,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_data(subparsers: Subparsers) -> None:
     """Add the `data` command and its subcommands (the `retrieval.commands` entry point)."""
     data = subparsers.add_parser(
         "data",

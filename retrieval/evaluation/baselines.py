@@ -64,7 +64,6 @@ from retrieval.ranking import ItemSets, exact_top_k, popularity_top_k, slice_ite
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("popularity", "ease", "als")
 COLD_BASELINES = ("popularity", "random", "ease", "als")
 # Why a collaborative baseline cannot score a cold-start evaluation (`retrieval.data.cold`).
 NOT_FOR_COLD = {

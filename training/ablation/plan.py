@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from retrieval.layers import CROSS_KINDS
-from retrieval.towers import ARRANGEMENTS
+from retrieval.kinds import ARRANGEMENTS, CROSS_KINDS
 
 if TYPE_CHECKING:
     from retrieval.encoders import FeatureEncoder
