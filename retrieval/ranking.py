@@ -219,8 +219,12 @@ def exact_top_k(
     *,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     item_chunk_size: int = DEFAULT_ITEM_CHUNK_SIZE,
+    items_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k items per query by inner product, over the full catalog.
+
+    `items_checked`: the caller vouches that `item_emb` is finite (a serving index checks
+    its vectors once, at load), so the per-call scan of the whole catalog is skipped.
 
     Scores are computed block by block (`query_chunk_size` x `item_chunk_size`) on the
     queries' device (CPU or CUDA). Each block's top-k joins a candidate list kept in item
@@ -266,7 +270,7 @@ def exact_top_k(
     excluded = _excluded_item_sets(exclude, num_queries, num_items)
     item_tensor, staging = None, None
     if isinstance(item_emb, Tensor):
-        if not bool(torch.isfinite(item_emb).all()):
+        if not items_checked and not bool(torch.isfinite(item_emb).all()):
             raise ValueError("`item_emb` must be finite (found NaN or inf)")
         item_tensor = item_emb.to(device, dtype)
     else:  # a numpy array: each chunk is copied into one reused buffer, then moved
@@ -353,6 +357,7 @@ def exact_top_k_arrays(
     device: str | torch.device | None = None,
     query_chunk_size: int | None = None,
     item_chunk_size: int = DEFAULT_ITEM_CHUNK_SIZE,
+    items_checked: bool = False,
 ) -> tuple[FloatArray, IntArray]:
     """`exact_top_k` for numpy callers (the index job, an index version's torch backend):
     float32 numpy queries in, numpy results out.
@@ -366,6 +371,7 @@ def exact_top_k_arrays(
         query_chunk_size: queries per score block; None: all queries in one block, so the
             block is ``Q x item_chunk_size`` floats.
         item_chunk_size: items per score block.
+        items_checked: `item_emb` is known to be finite (see `exact_top_k`).
 
     Returns:
         ``(scores [Q, k] float32 descending, rows [Q, k] int64)``; ``-inf`` / ``-1`` past N.
@@ -382,6 +388,7 @@ def exact_top_k_arrays(
         k,
         query_chunk_size=max(1, len(query_t)) if query_chunk_size is None else query_chunk_size,
         item_chunk_size=item_chunk_size,
+        items_checked=items_checked,
     )
     return scores.cpu().numpy(), rows.cpu().numpy()
 

@@ -244,6 +244,7 @@ def torch_exact_search(
         k,
         query_chunk_size=query_chunk_size,
         item_chunk_size=max(1, vectors.shape[0]),
+        items_checked=True,  # the version's vectors passed the load-time probe search
     )
 
 
