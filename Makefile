@@ -7,17 +7,21 @@ TORCH_VERSION ?= 2.13.0
 RECBOLE_VERSION ?= 1.2.1
 DEMO_DIR ?= artifacts/demo
 
-.PHONY: venv demo test lint typecheck unit soak clean
+.PHONY: venv demo test lint typecheck unit soak clean lock test-floors
 
-# torch goes in first, pinned, so the project's looser requirement is already met
-# and pip never pulls the CUDA build. recbole is installed without its dependencies:
-# only the MovieLens-100K copy it ships is read.
-$(VENV)/.installed: pyproject.toml
+# torch goes in first, pinned, so the project's looser requirement is already met and pip
+# never pulls the CUDA build. Everything else comes from the lock file (requirements/dev.lock,
+# made by `make lock`), then the project itself without dependencies. MovieLens-100K is read
+# from inside the recbole wheel, which is downloaded, not installed: recbole is never imported
+# and its own dependencies are never needed.
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet --no-deps recbole==$(RECBOLE_VERSION)
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -r requirements/dev.lock
+	$(PIP) install --quiet --no-deps -e .
+	$(PIP) download --quiet --no-deps --dest $(VENV)/share/two-tower-retrieval \
+		recbole==$(RECBOLE_VERSION)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -44,5 +48,37 @@ SOAK_ARGS ?=
 soak: venv
 	$(PY) bench/soak.py --workdir artifacts/soak --out artifacts/soak/soak.json $(SOAK_ARGS)
 
+# The lock files, for Linux x86_64 and Python 3.11 (CI and the images), made by uv from
+# pyproject.toml. torch is left out of them (it is installed first, pinned, as above) but its
+# CPU build's dependencies are in: TORCH_WHEELS is where uv finds that build (a directory
+# holding the wheel, or --extra-index-url with PyTorch's CPU wheel index). floors.lock holds
+# the lowest version of every direct dependency that pyproject.toml allows: `make test-floors`.
+TORCH_WHEELS ?= --find-links /opt/wheels
+UV := $(VENV)/bin/uv
+LOCK := $(UV) pip compile pyproject.toml --quiet --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --no-emit-package torch \
+	--constraint requirements/torch.txt $(TORCH_WHEELS)
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet uv
+lock: $(UV)
+	$(LOCK) --extra cpu -o requirements/runtime.lock
+	$(LOCK) --extra cpu --extra dev -o requirements/dev.lock
+	$(LOCK) --extra cpu --extra dev --resolution lowest-direct -o requirements/floors.lock
+
+# The test suite against floors.lock: every direct dependency at its lowest allowed version
+# (torch excepted: the one CPU build installed first), in a separate virtual environment.
+FLOORS_VENV ?= .venv-floors
+test-floors: requirements/floors.lock
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
+	$(FLOORS_VENV)/bin/pip install --quiet -r requirements/floors.lock
+	$(FLOORS_VENV)/bin/pip install --quiet --no-deps -e .
+	$(FLOORS_VENV)/bin/pip download --quiet --no-deps \
+		--dest $(FLOORS_VENV)/share/two-tower-retrieval recbole==$(RECBOLE_VERSION)
+	$(FLOORS_VENV)/bin/pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOORS_VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

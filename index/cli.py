@@ -178,8 +178,15 @@ def run_index_list(args: argparse.Namespace) -> int:
 
 def run_index_rollback(args: argparse.Namespace) -> int:
     from index.publish import announce_version, rollback, root_lock
+    from retrieval.cli import UsageError
+    from retrieval.index_format import IndexStoreError, check_version_name
     from retrieval.urls import resolve_redis_url
 
+    if args.to is not None:
+        try:
+            check_version_name(args.to)
+        except IndexStoreError as exc:
+            raise UsageError(f"--to: {exc}") from None
     redis_url = resolve_redis_url(args.redis_url, args.redis_url_file)  # checked before the swap
     with root_lock(args.root):
         previous, current = rollback(args.root, args.to, verify=not args.no_verify)
@@ -231,7 +238,7 @@ def register_index_admin(subparsers: Subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m index ...` (what torchrun runs): the build-index arguments."""
-    from retrieval.cli import CommandError
+    from retrieval.cli import EXIT_FAILURE, EXIT_USAGE, CommandError, UsageError
 
     parser = argparse.ArgumentParser(prog="python -m index", description="Build an index version.")
     add_build_arguments(parser)
@@ -242,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     setup = _setup_process_group()
     try:
         return run_build_index(args)
+    except UsageError as exc:
+        print(f"build-index (rank {_rank()}): error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (CommandError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"build-index (rank {_rank()}): error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILURE
     finally:
         if setup:
             from retrieval.process_group import teardown

@@ -6,6 +6,7 @@ A bundle is a directory::
     model_config.json      `ModelConfig`: rebuilds both towers without code defaults
     train_config.json      the training configuration that produced the weights
     metrics.json           validation (and test) metrics recorded at the end of training
+    training_curves.csv    per-epoch loss, learning rate and valid recall (and .png; optional)
     weights.safetensors    the parameters (safetensors: loading never unpickles)
     encoders/              the fitted `FeatureEncoder` (JSON and Arrow files only)
 
@@ -22,6 +23,7 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,10 +88,25 @@ def save_bundle(
     train_config: dict[str, Any],
     metrics: dict[str, Any],
     overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write a bundle atomically; returns its path."""
+    """Write a bundle atomically; returns its path.
+
+    `extra_files` maps plain file names (no directory part, not a standard file's name) to
+    their bytes, e.g. the training curves; they are checksummed in the manifest like the rest.
+    """
+    extra = dict(extra_files or {})
+    standard = (MANIFEST_FILE, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE)
+    for name in extra:
+        if name in (*standard, ENCODERS_DIR) or Path(name).name != name or name.startswith("."):
+            raise ValueError(
+                "`extra_files` names must be plain, non-hidden file names other than "
+                f"{[*standard, ENCODERS_DIR]}; got {name!r}"
+            )
     out = Path(out_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2, default=str) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -64,6 +64,7 @@ from service.openapi import install_openapi
 from service.query import QueryFeatures, QuerySchema
 from service.redis_link import RedisLink, RedisReplyError, RedisUnavailableError, make_client
 from service.retriever import RetrievalJob, Retriever
+from service.routes import embed as embed_routes  # `embed` names the query tower below
 from service.routes import health, info, retrieve
 from service.settings import ServiceSettings
 
@@ -374,6 +375,7 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     if settings.fast_path:  # ahead of the FastAPI route of the same path: it answers
         app.router.routes.append(retrieve.LEAN_RETRIEVE_ROUTE)
     app.include_router(retrieve.router)
+    app.include_router(embed_routes.router)
     app.include_router(info.router)
     app.include_router(health.router)
     app.add_middleware(AdmissionGateMiddleware)  # the body is already bounded
@@ -384,7 +386,7 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     )
     protected = frozenset(
         path
-        for router in (retrieve.router, info.router)
+        for router in (retrieve.router, embed_routes.router, info.router)
         for route in router.routes
         if (path := getattr(route, "path", "")).startswith(PROTECTED_PREFIX)
     )

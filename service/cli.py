@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def _settings_from_args(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from retrieval.cli import CommandError
+    from retrieval.cli import UsageError
     from service.settings import ServiceSettings
 
     given = {
@@ -60,7 +60,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        raise CommandError(f"invalid settings: {problems}") from exc
+        raise UsageError(f"invalid settings: {problems}") from exc
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -83,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_features_push(args: argparse.Namespace) -> int:
     import redis
 
-    from retrieval.cli import CommandError
+    from retrieval.cli import CommandError, UsageError
     from retrieval.features import DatasetSchema
     from retrieval.urls import REDIS_URL_ENV, REDIS_URL_FILE_ENV, redact_url, resolve_redis_url
     from service.feature_store import push_features
@@ -91,7 +91,7 @@ def run_features_push(args: argparse.Namespace) -> int:
 
     url = resolve_redis_url(args.redis_url, args.redis_url_file)
     if url is None:
-        raise CommandError(
+        raise UsageError(
             f"no Redis URL: set {REDIS_URL_ENV} or {REDIS_URL_FILE_ENV}, or give "
             "--redis-url-file (or --redis-url)"
         )

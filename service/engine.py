@@ -3,7 +3,9 @@
 `RetrievalEngine.prepare` turns a `RetrieveRequest` into a `PreparedQuery` (every check
 that can fail with 422 or 404 happens here, before anything is queued); `execute` looks
 the answer up in the cache or submits it to the micro-batcher and waits for it. The
-route handlers add the admission limit and the request deadline around both.
+route handlers add the admission limit and the request deadline around both. `embed`
+(POST /v1/embed) submits the same prepared query as an embed-only job: same checks,
+feature lookup, micro-batches and query tower, no search and no cache.
 
 A `user_id` request is built exactly like the offline evaluation's query: the stored
 raw features and the last N train+valid items (most recent first) go through the same
@@ -15,11 +17,12 @@ so one user with a long past cannot make a search arbitrarily deep.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from service.batcher import BatcherClosedError, MicroBatcher
 from service.cache import ResponseCache
@@ -37,6 +40,8 @@ from service.schemas import RetrieveRequest
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def seen_to_exclude(record: UserRecord, max_seen_ids: int) -> Sequence[str]:
@@ -208,15 +213,7 @@ class RetrievalEngine:
                     ),
                     True,
                 )
-        try:
-            future = self.batcher.submit(prepared.job)
-        except BatcherClosedError as exc:
-            raise NotReadyError("the service is shutting down", retry_after_s=1) from exc
-        try:
-            result = await future
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
+        result = await self._submit(prepared.job)
         if self.cache is not None:
             key = self.cache.key(self.model_version, result.index_version, prepared.cache_request)
             self.cache.put(
@@ -225,17 +222,36 @@ class RetrievalEngine:
             )
         return result, False
 
+    async def _submit(self, job: RetrievalJob) -> RetrievalResult:
+        """`job`'s answer from the micro-batcher (the job is dropped if the caller is cancelled)."""
+        try:
+            future = self.batcher.submit(job)
+        except BatcherClosedError as exc:
+            raise NotReadyError("the service is shutting down", retry_after_s=1) from exc
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
     async def execute_many(
         self, prepared: Sequence[PreparedQuery]
     ) -> list[tuple[RetrievalResult, bool]]:
         """Answers of several prepared queries (they share batches with everyone else)."""
-        tasks = [asyncio.ensure_future(self.execute(p)) for p in prepared]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        return await _gather_or_cancel([self.execute(p) for p in prepared])
+
+    async def embed(self, prepared: PreparedQuery) -> RetrievalResult:
+        """The query embedding of one prepared query (`RetrievalResult.embedding`, no ids).
+
+        The job goes through the micro-batcher like a retrieval (same encoder, same query
+        tower pass, possibly in the same batch as retrievals) but is not searched, and the
+        response cache is neither read nor written.
+        """
+        return await self._submit(dataclasses.replace(prepared.job, search=False))
+
+    async def embed_many(self, prepared: Sequence[PreparedQuery]) -> list[RetrievalResult]:
+        """Embeddings of several prepared queries, in order (see `embed`)."""
+        return await _gather_or_cancel([self.embed(p) for p in prepared])
 
     def response(self, result: RetrievalResult, cached: bool, started: float) -> dict[str, Any]:
         return {
@@ -246,3 +262,15 @@ class RetrievalEngine:
             "took_ms": round((time.perf_counter() - started) * 1000, 3),
             "cached": cached,
         }
+
+
+async def _gather_or_cancel(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """The results of `calls`, run concurrently; on the first failure (or cancellation)
+    the others are cancelled, so their jobs leave the queue."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise

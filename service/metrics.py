@@ -78,7 +78,7 @@ class ServiceMetrics:
             "retrieval_queue_depth", "Queries waiting for a batch.", registry=r
         )
         self.in_flight = Gauge(
-            "retrieval_in_flight_requests", "Retrieval requests admitted now.", registry=r
+            "retrieval_in_flight_requests", "Retrieval and embed requests admitted now.", registry=r
         )
         self.rejected = Counter(
             "retrieval_rejected", "Requests refused or cut short.", ["reason"], registry=r

@@ -44,7 +44,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 
-RETRIEVAL_PATHS = ("/v1/retrieve", "/v1/retrieve/batch")
+RETRIEVAL_PATHS = ("/v1/retrieve", "/v1/retrieve/batch", "/v1/embed", "/v1/embed/batch")
 PROTECTED_PREFIX = "/v1/"  # what the API key guards
 UNAUTHORIZED_MESSAGE = "missing or invalid API key"  # the same for a missing and a wrong key
 

@@ -12,6 +12,8 @@ that document would send bodies it calls valid and get 422. `install_openapi` re
 * its ``query`` object: one property per query feature of the loaded bundle, with the
   JSON types `service.query` accepts for its kind, and no other property;
 * `BatchRetrieveRequest`: at most ``max_batch_queries`` queries;
+* `EmbedRequest` and `BatchEmbedRequest` (POST /v1/embed, /v1/embed/batch): the same
+  ``query`` object and "`query` or `user_id`" rule, at most ``max_batch_queries`` queries;
 * the ``X-API-Key`` security scheme only when an API key is configured.
 
 Until the model is loaded the ``query`` object stays open (the document is then not
@@ -91,6 +93,29 @@ def query_object_schema(schema: QuerySchema, max_history: int) -> dict[str, Any]
     return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
+_USER_ID: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 256}
+# A request needs inline features, a stored user, or both (`RetrievalEngine.prepare`).
+_QUERY_OR_USER: dict[str, Any] = {
+    "anyOf": [
+        {"required": ["query"], "properties": {"query": {"type": "object"}}},
+        {"required": ["user_id"], "properties": {"user_id": _USER_ID}},
+    ]
+}
+
+
+def _describe_query(
+    request: dict[str, Any], settings: ServiceSettings, schema: QuerySchema | None
+) -> list[dict[str, Any]]:
+    """Close `request`'s ``query`` property to the loaded model's features, in place; the
+    cross-field rules every query-carrying request obeys."""
+    if schema is not None:
+        request["properties"]["query"]["anyOf"] = [
+            query_object_schema(schema, settings.max_history),
+            {"type": "null"},
+        ]
+    return [copy.deepcopy(_QUERY_OR_USER)]
+
+
 def describe_requests(
     document: dict[str, Any], settings: ServiceSettings, schema: QuerySchema | None
 ) -> dict[str, Any]:
@@ -104,29 +129,22 @@ def describe_requests(
             {"type": "null"},
         ]
         props["exclude_ids"]["maxItems"] = settings.max_exclude_ids
-        if schema is not None:
-            props["query"]["anyOf"] = [
-                query_object_schema(schema, settings.max_history),
-                {"type": "null"},
-            ]
-        given = {"type": "string", "minLength": 1, "maxLength": 256}
         request["allOf"] = [
-            {  # inline features, a stored user, or both
-                "anyOf": [
-                    {"required": ["query"], "properties": {"query": {"type": "object"}}},
-                    {"required": ["user_id"], "properties": {"user_id": given}},
-                ]
-            },
+            *_describe_query(request, settings, schema),
             {  # `exclude_seen` needs the user whose items it excludes
                 "anyOf": [
                     {"properties": {"exclude_seen": {"const": False}}},
-                    {"required": ["user_id"], "properties": {"user_id": given}},
+                    {"required": ["user_id"], "properties": {"user_id": dict(_USER_ID)}},
                 ]
             },
         ]
-    batch = components.get("BatchRetrieveRequest")
-    if batch is not None:
-        batch["properties"]["queries"]["maxItems"] = settings.max_batch_queries
+    embed = components.get("EmbedRequest")
+    if embed is not None:
+        embed["allOf"] = _describe_query(embed, settings, schema)
+    for name in ("BatchRetrieveRequest", "BatchEmbedRequest"):
+        batch = components.get(name)
+        if batch is not None:
+            batch["properties"]["queries"]["maxItems"] = settings.max_batch_queries
     if settings.api_key is None:  # no key configured: /v1 is open, say so
         document.get("components", {}).pop("securitySchemes", None)
         for operations in document.get("paths", {}).values():

@@ -21,6 +21,10 @@ and is not searched; a query whose search rows fall outside the catalog, whose s
 are not finite, or whose exhaustive (Flat) search came back short gets
 `SearchResultError`. Both answer 500 for that query alone; the rest of the batch is
 answered as usual.
+
+A job with ``search=False`` (POST /v1/embed) shares the batch's encoding and query-tower
+pass and the same non-finite check, but is not searched: its result carries the query
+embedding (`RetrievalResult.embedding`) and no ids.
 """
 
 from __future__ import annotations
@@ -56,20 +60,24 @@ class RetrievalJob:
         features: the checked query features.
         k: results wanted.
         exclude: catalog ids that must not be returned.
+        search: False: embed only; the result carries the embedding and no ids.
     """
 
     features: QueryFeatures
     k: int
     exclude: frozenset[str] = field(default_factory=frozenset)
+    search: bool = True
 
 
 @dataclass(frozen=True)
 class RetrievalResult:
-    """Best-first catalog ids and scores, and the index version that produced them."""
+    """Best-first catalog ids and scores, and the index version that produced them (for
+    an embed-only job: no ids, the query embedding, and the index version serving)."""
 
     ids: list[str]
     scores: list[float]
     index_version: str
+    embedding: list[float] | None = None  # D float32 values, unit L2 norm (embed-only jobs)
 
 
 @dataclass
@@ -158,7 +166,14 @@ class Retriever:
                 "the query tower gave this query a non-finite embedding (a dense value far "
                 "outside the training range can overflow it); the query was not searched"
             )
-        good: list[int] = np.flatnonzero(finite).tolist()
+        good: list[int] = []
+        for b in np.flatnonzero(finite).tolist():
+            if jobs[b].search:
+                good.append(b)
+            else:  # embed only: float32 values as Python floats (exact)
+                answers[b] = RetrievalResult(
+                    ids=[], scores=[], index_version=index.version, embedding=emb[b].tolist()
+                )
         fetches = [min(index.num_items, jobs[b].k + len(jobs[b].exclude)) for b in good]
         for fetch, positions in fetch_groups(fetches):
             members = [good[p] for p in positions]  # batch rows searched together

@@ -7,7 +7,7 @@ the request is prepared (`service.engine`), with the same 422 answer.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -90,6 +90,70 @@ class BatchRetrieveResponse(BaseModel):
 
     results: list[RetrieveResponse]
     took_ms: float
+
+
+class EmbedRequest(BaseModel):
+    """One query to embed: inline query features, a `user_id` from the feature store, or
+    both, read exactly as /v1/retrieve reads them (no `k` or exclusions: nothing is
+    searched)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "196"}, {"query": QUERY_EXAMPLE}]},
+    )
+
+    query: dict[str, Any] | None = Field(
+        default=None,
+        description="Raw query-tower features, as in /v1/retrieve: keyed like the "
+        "users.parquet columns plus the history feature (catalog item ids, MOST RECENT "
+        "FIRST); missing features count as null, unknown names are refused (422). Takes "
+        "precedence over `user_id`. See /v1/info `schema`.",
+    )
+    user_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Look the user's features and history up in the feature store (when "
+        "`query` is absent); 404 when the user is not there.",
+    )
+
+
+class EmbedResponse(BaseModel):
+    """The query embedding, as the query tower gives it to the index search."""
+
+    embedding: list[float] = Field(
+        description="The query embedding: `dim` float32 values (exact in JSON), unit L2 norm."
+    )
+    dim: int = Field(description="D, the embedding width (/v1/info `model.output_dim`).")
+    model_version: str = Field(
+        description="The model bundle that embedded the query (/v1/info `model.version`)."
+    )
+    index_version: str = Field(
+        description="The index version serving when the query was embedded (/v1/info "
+        "`index.version`); its item vectors come from the same model, so inner products "
+        "with them are the scores /v1/retrieve ranks by."
+    )
+    normalized: Literal[True] = Field(
+        default=True,
+        description="Always true: the query tower L2-normalises its output, so inner "
+        "products with item embeddings are cosines.",
+    )
+    took_ms: float = Field(description="Server time for this request in milliseconds.")
+
+
+class BatchEmbedRequest(BaseModel):
+    """Several queries to embed in one call (at most the server's max_batch_queries)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[EmbedRequest] = Field(min_length=1, description="The queries, in order.")
+
+
+class BatchEmbedResponse(BaseModel):
+    """One embedding per query, in request order."""
+
+    results: list[EmbedResponse] = Field(description="The embeddings, in request order.")
+    took_ms: float = Field(description="Server time for the whole call in milliseconds.")
 
 
 class ErrorDetail(BaseModel):

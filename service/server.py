@@ -2,7 +2,7 @@
 
 The app loads its model and index in the background (`create_app(load_in_background=True)`):
 the socket is open during a cold start; when the loading fails the server stops and
-`serve` raises `CommandError` (exit status 2).
+`serve` raises `CommandError` (exit status 1).
 
 On SIGTERM/SIGINT, `ServiceServer` marks the service as draining (``/readyz`` answers
 503 at once), keeps serving for `shutdown_drain_s` so load balancers stop routing to it,

@@ -41,6 +41,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="also write per-epoch loss, learning rate and valid recall as TensorBoard events "
+        "to DIR (needs the `tensorboard` extra; default: none). The bundle holds them either "
+        "way: training_curves.csv, and training_curves.png when matplotlib is installed",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -72,6 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             max_steps=args.max_steps,
             progress=not args.no_progress,
+            tensorboard_dir=args.tensorboard,
         )
     finally:
         distributed.teardown()

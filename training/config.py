@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from retrieval.cli import UsageError
 from retrieval.kinds import (
     ARRANGEMENTS,
     BASELINES,
@@ -66,8 +67,10 @@ DEFAULT_CONFIG_NAME = "default"
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-class ConfigError(ValueError):
-    """An invalid training config: one line naming every bad field (and the file, if any)."""
+class ConfigError(UsageError, ValueError):
+    """An invalid training config: one line naming every bad field (and the file, if any).
+
+    A usage error: the command exits with status 2."""
 
 
 class _Section(BaseModel):

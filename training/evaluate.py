@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retrieval.cli import UsageError
 from retrieval.features import SPLITS
 from retrieval.kinds import BASELINES
 from retrieval.stages import stage
@@ -88,7 +89,7 @@ def parse_names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"`{what}` entries must be in {list(allowed)}; got {unknown}")
+        raise UsageError(f"`{what}` entries must be in {list(allowed)}; got {unknown}")
     return names
 
 

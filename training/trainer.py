@@ -13,6 +13,11 @@ encode users, items and causal histories -> **select**: train with in-batch soft
 number of epochs -> test recall next to the baselines (popularity, EASE, ALS) on the same
 queries -> write the bundle.
 
+Training curves (`training.curves`): every epoch's loss, learning rate and valid recall go
+to the bundle as `training_curves.csv` and `training_curves.png`, and, with
+`--tensorboard DIR`, to TensorBoard as the epochs finish. The per-epoch records live in the
+checkpoint state, so a resumed run's curves hold every epoch once.
+
 Determinism: the data order of epoch e is a permutation seeded by (seed, e) and the RNG is
 reseeded from (seed, global step) before every step, so a run resumed from a checkpoint
 takes exactly the step the uninterrupted run would have taken.
@@ -71,6 +76,7 @@ from retrieval.stages import stage
 from retrieval.towers import ModelConfig, TowerConfig, TwoTowerModel
 from training import distributed as dist_utils
 from training.config import TrainConfig
+from training.curves import EpochRow, TensorBoardWriter, TrainingHistory
 
 logger = logging.getLogger(__name__)
 
@@ -448,11 +454,17 @@ def run_phase(
     resume: bool,
     max_steps: int,
     progress: bool,
+    board: TensorBoardWriter | None = None,
 ) -> tuple[TwoTowerModel, RetrievalTask, bool]:
     """Run the epochs of `phase` from `state` (updated in place; with `resume`, weights and
     optimizer state come from the checkpoint `ckpt`); returns the model with its kept
     weights (the best validated ones, or the last), its task, and whether `max_steps`
-    stopped it. A checkpoint is written after every epoch (rank 0)."""
+    stopped it. A checkpoint is written after every epoch (rank 0), and each epoch's record
+    (appended to ``state["history"]``) goes to `board` (rank 0).
+
+    An epoch cut by `max_steps` keeps its running loss sum, example count and seconds in
+    ``state["partial_epoch"]``, so the resumed epoch's record equals the uninterrupted one's
+    (its wall time aside)."""
     data = phase.data
     world, rank = dist_utils.world_size(), dist_utils.rank()
     model = TwoTowerModel(build_model_config(data.encoder, config))
@@ -494,6 +506,10 @@ def run_phase(
             file=sys.stderr,
         )
         epoch_loss, seen, epoch_start = 0.0, 0, time.perf_counter()
+        partial = state.pop("partial_epoch", None)
+        if partial is not None and first > 0:  # the part of this epoch run before the resume
+            epoch_loss, seen = float(partial["loss_sum"]), int(partial["examples"])
+            epoch_start -= float(partial["seconds"])
         for local_step in bar:
             step = state["step"]
             phase_step = step - step0
@@ -556,14 +572,23 @@ def run_phase(
         epoch_seconds = time.perf_counter() - epoch_start
         if stop and state["step"] - step0 < (epoch + 1) * steps_per_epoch:
             # Interrupted mid-epoch by max_steps: keep the position for an exact resume.
+            state["partial_epoch"] = {
+                "loss_sum": epoch_loss,
+                "examples": seen,
+                "seconds": epoch_seconds,
+            }
             if rank == 0:
                 save_checkpoint(ckpt, model, task, optimizers, state, best_state)
             break
         state["epoch"] = epoch + 1
         record: dict[str, Any] = {
+            "phase": phase.name,
             "epoch": epoch + 1,
+            "step": state["step"],
             "train_loss": epoch_loss / max(1, seen),
+            "lr": optimizers[0].param_groups[0]["lr"],  # the epoch's last step's
             "examples_per_second": seen * world / max(1e-9, epoch_seconds),
+            "seconds": epoch_seconds,
         }
         validate = phase.valid_queries is not None and (
             (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == phase.epochs
@@ -596,6 +621,8 @@ def run_phase(
                 metric_name,
                 f"{record.get('valid_' + metric_name, float('nan')):.4f}",
             )
+            if board is not None:
+                board.log(EpochRow.from_record(record))
             save_checkpoint(ckpt, model, task, optimizers, state, best_state)
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -625,6 +652,7 @@ def train(
     overwrite: bool = False,
     max_steps: int = 0,
     progress: bool = True,
+    tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a two-tower model and write its bundle to `out_dir` (rank 0 under DDP).
 
@@ -650,6 +678,8 @@ def train(
         max_steps: stop after this many optimizer steps in total, both phases counted; a run
             stopped during selection skips the refit (0 = no limit; tests).
         progress: show a progress bar.
+        tensorboard_dir: also write each epoch's scalars there for TensorBoard (rank 0; needs
+            the `tensorboard` extra, else a warning and no events). None: no TensorBoard.
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -708,54 +738,64 @@ def train(
             loaded["step"],
         )
 
-    run_options: dict[str, Any] = {"max_steps": max_steps, "progress": progress}
-    # Phase 1: select the epoch count on valid.
-    if loaded is not None and loaded["phase"] == "refit":
-        selection = loaded["selection"]
-        model = task = None
-        stopped = False
-    else:
-        with stage("validation queries"):
-            valid_queries = split_queries(data, config, "valid")
-        state = loaded if loaded is not None else _fresh_state("select", 0)
-        phase = Phase("select", data, config.epochs, config.epochs, valid_queries)
-        with stage("train (select on valid)"):
-            model, task, stopped = run_phase(
-                phase, config, state, ckpt, resume=loaded is not None, **run_options
-            )
-        selection = {
-            "best_epoch": state["best_epoch"],
-            "best_metric": state["best_metric"],
-            "history": state["history"],
-            "steps": state["step"],
-            "candidates_per_step": state.get("candidates_per_step", 0),
-        }
-        loaded = None
+    resumed_rows: list[EpochRow] | None = None
+    if loaded is not None:  # the epochs done before the resume: TensorBoard shows each once
+        done = {"select": loaded["history"]}
+        if loaded["phase"] == "refit":
+            done = {"select": loaded["selection"]["history"], "refit": loaded["history"]}
+        resumed_rows = TrainingHistory.from_phases(done).rows
+    board = TensorBoardWriter(tensorboard_dir if rank == 0 else None, resumed_rows=resumed_rows)
+    run_options: dict[str, Any] = {"max_steps": max_steps, "progress": progress, "board": board}
+    try:
+        # Phase 1: select the epoch count on valid.
+        if loaded is not None and loaded["phase"] == "refit":
+            selection = loaded["selection"]
+            model = task = None
+            stopped = False
+        else:
+            with stage("validation queries"):
+                valid_queries = split_queries(data, config, "valid")
+            state = loaded if loaded is not None else _fresh_state("select", 0)
+            phase = Phase("select", data, config.epochs, config.epochs, valid_queries)
+            with stage("train (select on valid)"):
+                model, task, stopped = run_phase(
+                    phase, config, state, ckpt, resume=loaded is not None, **run_options
+                )
+            selection = {
+                "best_epoch": state["best_epoch"],
+                "best_metric": state["best_metric"],
+                "history": state["history"],
+                "steps": state["step"],
+                "candidates_per_step": state.get("candidates_per_step", 0),
+            }
+            loaded = None
 
-    # Phase 2: refit on train + valid for the selected number of epochs.
-    final_data = data
-    refit: dict[str, Any] = {"done": False}
-    steps = selection["steps"]
-    if config.refit and not stopped and selection["best_epoch"] >= 1:
-        with stage("prepare data (train + valid)"):
-            refit_data = prepare_data(data.dataset, config, ("train", "valid"))
-        state = loaded if loaded is not None else _fresh_state("refit", selection["steps"])
-        state["selection"] = selection
-        phase = Phase("refit", refit_data, selection["best_epoch"], config.epochs, None)
-        with stage(f"refit on train + valid ({selection['best_epoch']} epochs)"):
-            model, task, stopped = run_phase(
-                phase, config, state, ckpt, resume=loaded is not None, **run_options
-            )
-        steps = state["step"]
-        final_data = refit_data
-        refit = {
-            "done": not stopped,
-            "epochs": selection["best_epoch"],
-            "train_events": len(refit_data.train_rows),
-            "history": state["history"],
-        }
-    elif config.refit:
-        refit["skipped"] = "stopped by max_steps" if stopped else "no validated epoch"
+        # Phase 2: refit on train + valid for the selected number of epochs.
+        final_data = data
+        refit: dict[str, Any] = {"done": False}
+        steps = selection["steps"]
+        if config.refit and not stopped and selection["best_epoch"] >= 1:
+            with stage("prepare data (train + valid)"):
+                refit_data = prepare_data(data.dataset, config, ("train", "valid"))
+            state = loaded if loaded is not None else _fresh_state("refit", selection["steps"])
+            state["selection"] = selection
+            phase = Phase("refit", refit_data, selection["best_epoch"], config.epochs, None)
+            with stage(f"refit on train + valid ({selection['best_epoch']} epochs)"):
+                model, task, stopped = run_phase(
+                    phase, config, state, ckpt, resume=loaded is not None, **run_options
+                )
+            steps = state["step"]
+            final_data = refit_data
+            refit = {
+                "done": not stopped,
+                "epochs": selection["best_epoch"],
+                "train_events": len(refit_data.train_rows),
+                "history": state["history"],
+            }
+        elif config.refit:
+            refit["skipped"] = "stopped by max_steps" if stopped else "no validated epoch"
+    finally:
+        board.close()
     assert model is not None and task is not None
 
     result_metrics: dict[str, Any] = {
@@ -772,6 +812,12 @@ def train(
             result_metrics.update(test_table(model, final_data, config))
         result_metrics["train_seconds"] = time.perf_counter() - start
         with stage("write bundle"):
+            curves = TrainingHistory.from_phases(
+                {"select": selection["history"], "refit": refit.get("history", [])},
+                selection_metric=metric_name,
+            )
+            curve_files = curves.bundle_files()
+            logger.info("training curves: %d epochs in %s", len(curves.rows), sorted(curve_files))
             train_config = {
                 **config.to_dict(),
                 "data": str(Path(data_dir).resolve()),
@@ -784,6 +830,7 @@ def train(
                 train_config=train_config,
                 metrics=result_metrics,
                 overwrite=overwrite,
+                extra_files=curve_files,
             )
         if not stopped:
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -17,8 +17,13 @@ Nothing is downloaded. The source is, in order:
    - RecBole atomic files ``<name>.inter``, ``<name>.user``, ``<name>.item`` (tab-separated,
      typed headers such as ``user_id:token``).
    A directory whose ``<name>/`` subdirectory holds one of these works too.
+   ``source`` may also be a recbole wheel (``recbole-1.2.1-py3-none-any.whl``): its ml-100k
+   copy is read from inside the archive, nothing is extracted or installed.
 2. The ml-100k copy inside an installed ``recbole`` package
    (``recbole/dataset_example/ml-100k``), found without importing recbole.
+3. A recbole wheel in ``<sys.prefix>/share/two-tower-retrieval/`` (`WHEEL_DIRECTORY`), where
+   ``make venv`` puts it with ``pip download --no-deps``: the data file is all that is needed,
+   so recbole (and its eleven dependencies) is never installed.
 
 Every rating counts as a positive interaction. Features:
 users: ``user_id``, ``age_bucket``, ``gender``, ``occupation``, ``zip_prefix``;
@@ -32,10 +37,13 @@ import dataclasses
 import importlib.util
 import logging
 import re
+import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import pyarrow as pa
 
@@ -54,6 +62,11 @@ logger = logging.getLogger(__name__)
 MOVIELENS_NAMES = ("ml-100k", "ml-1m")
 RECBOLE_VERSION = "1.2.1"
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
+# Where `make venv` downloads the recbole wheel (`pip download --no-deps`), per environment.
+WHEEL_DIRECTORY = Path(sys.prefix) / "share" / "two-tower-retrieval"
+RECBOLE_EXAMPLES = "recbole/dataset_example"
+# A source file: on disk, or inside a wheel.
+SourcePath: TypeAlias = Path | zipfile.Path
 UNKNOWN = "unknown"
 
 # Genre flag order of ml-100k u.item when u.genre is absent (the list u.genre holds).
@@ -246,9 +259,9 @@ class MovieLensSource:
 
     name: str
     layout: str
-    directory: Path
+    directory: SourcePath
 
-    def file(self, file_name: str) -> Path:
+    def file(self, file_name: str) -> SourcePath:
         return self.directory / file_name
 
 
@@ -273,24 +286,43 @@ def _how_to_get(name: str) -> str:
     grouplens = f"download {url}, unzip it and pass --source path/to/{name}"
     if name == "ml-100k":
         return (
-            f"install the recbole package, which ships a copy "
-            f"(`pip install --no-deps recbole=={RECBOLE_VERSION}`), or {grouplens}"
+            f"fetch the recbole wheel, which ships a copy "
+            f"(`pip download --no-deps --dest {WHEEL_DIRECTORY} recbole=={RECBOLE_VERSION}`; "
+            f"or pass --source path/to/recbole-{RECBOLE_VERSION}-py3-none-any.whl), or {grouplens}"
         )
     return grouplens
 
 
-def recbole_example_directory(name: str = "ml-100k") -> Path | None:
-    """The copy of `name` shipped inside an installed recbole package (recbole is not imported)."""
+def recbole_wheel_directory(wheel: str | Path, name: str = "ml-100k") -> zipfile.Path | None:
+    """The copy of `name` inside a recbole wheel file, or None when the wheel has none.
+
+    Raises:
+        ValueError: `wheel` is not a zip archive.
+    """
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{wheel}: not a readable wheel ({exc})") from None
+    directory = zipfile.Path(archive, f"{RECBOLE_EXAMPLES}/{name}/")
+    return directory if (directory / f"{name}.inter").is_file() else None
+
+
+def recbole_example_directory(name: str = "ml-100k") -> SourcePath | None:
+    """The copy of `name` shipped with recbole: an installed package (not imported), else a
+    downloaded wheel in `WHEEL_DIRECTORY`; None when neither is there."""
     try:
         spec = importlib.util.find_spec("recbole")
     except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        directory = Path(location) / "dataset_example" / name
-        if (directory / f"{name}.inter").is_file():
-            return directory
+        spec = None
+    if spec is not None:
+        for location in spec.submodule_search_locations or ():
+            directory = Path(location) / "dataset_example" / name
+            if (directory / f"{name}.inter").is_file():
+                return directory
+    for wheel in sorted(WHEEL_DIRECTORY.glob("recbole-*.whl"), reverse=True):
+        found = recbole_wheel_directory(wheel, name)
+        if found is not None:
+            return found
     return None
 
 
@@ -328,7 +360,7 @@ def find_movielens_source(
         if directory is None:
             raise FileNotFoundError(
                 f"MovieLens {name} not found: no --source given"
-                + (" and recbole is not installed" if name == "ml-100k" else "")
+                + (" and no recbole copy is installed or downloaded" if name == "ml-100k" else "")
                 + f". To get it, {_how_to_get(name)}"
             )
         return MovieLensSource(name, "recbole", directory)
@@ -337,6 +369,13 @@ def find_movielens_source(
         raise FileNotFoundError(
             f"--source {path} does not exist. To get {name}, {_how_to_get(name)}"
         )
+    if path.is_file() and path.suffix in (".whl", ".zip") and zipfile.is_zipfile(path):
+        in_wheel = recbole_wheel_directory(path, name)
+        if in_wheel is None:
+            raise FileNotFoundError(
+                f"--source {path}: the archive holds no {RECBOLE_EXAMPLES}/{name}/{name}.inter"
+            )
+        return MovieLensSource(name, "recbole", in_wheel)
     base = path if path.is_dir() else path.parent
     for directory in (base, base / name):
         layout = _detect_layout(name, directory) if directory.is_dir() else None
@@ -384,7 +423,7 @@ class _RawRatings:
     timestamps: list[int] = dataclasses.field(default_factory=list)
 
 
-def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+def _lines(path: SourcePath, encoding: str) -> Iterator[tuple[int, str]]:
     """(line number, line without its newline) for every non-blank line."""
     try:
         with path.open(encoding=encoding, newline="") as handle:
@@ -397,7 +436,7 @@ def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
 
 
 def _fields(
-    path: Path, encoding: str, separator: str, width: int
+    path: SourcePath, encoding: str, separator: str, width: int
 ) -> Iterator[tuple[int, list[str]]]:
     for number, line in _lines(path, encoding):
         fields = line.split(separator)
@@ -409,7 +448,7 @@ def _fields(
         yield number, fields
 
 
-def _parse_int(path: Path, number: int, field: str, value: str) -> int:
+def _parse_int(path: SourcePath, number: int, field: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
@@ -423,7 +462,7 @@ def _parse_int(path: Path, number: int, field: str, value: str) -> int:
     raise MovieLensFormatError(f"{path}:{number}: {field} must be an integer; got {value!r}")
 
 
-def _parse_float(path: Path, number: int, field: str, value: str) -> float:
+def _parse_float(path: SourcePath, number: int, field: str, value: str) -> float:
     try:
         return float(value)
     except ValueError:
@@ -432,12 +471,12 @@ def _parse_float(path: Path, number: int, field: str, value: str) -> float:
         ) from None
 
 
-def _parse_optional_int(path: Path, number: int, field: str, value: str) -> int | None:
+def _parse_optional_int(path: SourcePath, number: int, field: str, value: str) -> int | None:
     value = value.strip()
     return None if value.lower() in _MISSING_TOKENS else _parse_int(path, number, field, value)
 
 
-def _parse_id(path: Path, number: int, field: str, value: str) -> str:
+def _parse_id(path: SourcePath, number: int, field: str, value: str) -> str:
     if not value:
         raise MovieLensFormatError(f"{path}:{number}: empty {field}")
     return value
@@ -451,7 +490,7 @@ def _occupation_name(value: str) -> str:
     return value or UNKNOWN
 
 
-def _read_ratings(path: Path, encoding: str, separator: str) -> _RawRatings:
+def _read_ratings(path: SourcePath, encoding: str, separator: str) -> _RawRatings:
     raw = _RawRatings()
     for number, (user, item, rating, timestamp) in _fields(path, encoding, separator, 4):
         raw.user_ids.append(_parse_id(path, number, "user id", user))
@@ -461,7 +500,7 @@ def _read_ratings(path: Path, encoding: str, separator: str) -> _RawRatings:
     return raw
 
 
-def _read_100k_genres(path: Path) -> tuple[str, ...]:
+def _read_100k_genres(path: SourcePath) -> tuple[str, ...]:
     if not path.is_file():
         return ML100K_GENRES
     by_index: dict[int, str] = {}
@@ -540,7 +579,7 @@ def _read_grouplens_1m(
     return users, items, ratings
 
 
-def _recbole_header(path: Path) -> list[str]:
+def _recbole_header(path: SourcePath) -> list[str]:
     """Column names of a RecBole atomic file (its typed header, types dropped)."""
     first = next(_lines(path, "utf-8"), None)
     if first is None:
@@ -554,7 +593,7 @@ def _recbole_header(path: Path) -> list[str]:
     return [field.split(":", 1)[0] for field in fields]
 
 
-def _pick_column(path: Path, header: list[str], candidates: tuple[str, ...]) -> str:
+def _pick_column(path: SourcePath, header: list[str], candidates: tuple[str, ...]) -> str:
     for column in candidates:
         if column in header:
             return column
@@ -564,7 +603,7 @@ def _pick_column(path: Path, header: list[str], candidates: tuple[str, ...]) -> 
 
 
 def _recbole_rows(
-    path: Path, header: list[str], required: tuple[str, ...]
+    path: SourcePath, header: list[str], required: tuple[str, ...]
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a RecBole atomic file as {column: value}."""
     for column in required:
@@ -647,7 +686,7 @@ def _dense_order(ids: list[str]) -> list[int]:
     return list(range(len(ids)))
 
 
-def _check_unique(path: Path, ids: list[str], entity: str) -> None:
+def _check_unique(path: SourcePath, ids: list[str], entity: str) -> None:
     seen: set[str] = set()
     for value in ids:
         if value in seen:
@@ -655,7 +694,9 @@ def _check_unique(path: Path, ids: list[str], entity: str) -> None:
         seen.add(value)
 
 
-def _check_known(path: Path, ids: list[str], known: set[str], entity: str, where: Path) -> None:
+def _check_known(
+    path: SourcePath, ids: list[str], known: set[str], entity: str, where: SourcePath
+) -> None:
     unknown = sorted(set(ids) - known)
     if unknown:
         raise MovieLensFormatError(

@@ -68,7 +68,7 @@ def json_response(payload: dict[str, Any]) -> Response:
     return Response(content=orjson.dumps(payload), media_type="application/json")
 
 
-def _deadline(engine: RetrievalEngine, timeout_s: float) -> DeadlineExceededError:
+def deadline_error(engine: RetrievalEngine, timeout_s: float) -> DeadlineExceededError:
     engine.metrics.rejected.labels(reason="timeout").inc()
     return DeadlineExceededError(f"the request did not finish within {timeout_s:g} s")
 
@@ -104,7 +104,7 @@ async def retrieve_one(
                 prepared = await engine.prepare(body)
                 result, cached = await engine.execute(prepared)
         except TimeoutError as exc:
-            raise _deadline(engine, settings.request_timeout_s) from exc
+            raise deadline_error(engine, settings.request_timeout_s) from exc
     return json_response(engine.response(result, cached, started))
 
 
@@ -225,7 +225,7 @@ async def retrieve_batch(
                 ]
                 answers = await engine.execute_many(prepared)
         except TimeoutError as exc:
-            raise _deadline(engine, settings.request_timeout_s) from exc
+            raise deadline_error(engine, settings.request_timeout_s) from exc
     results = [engine.response(result, cached, started) for result, cached in answers]
     took_ms = round((time.perf_counter() - started) * 1000, 3)
     return json_response({"results": results, "took_ms": took_ms})

@@ -77,7 +77,7 @@ def test_cli_list_rollback_and_verify(tmp_path: Path, capsys: pytest.CaptureFixt
     assert retrieval_main(["index", "verify", "--root", str(tmp_path)]) == 0
     assert "v1: ok" in capsys.readouterr().out
     (tmp_path / "versions" / "v1" / "index.faiss").write_bytes(b"x")
-    assert retrieval_main(["index", "verify", "--root", str(tmp_path)]) == 2
+    assert retrieval_main(["index", "verify", "--root", str(tmp_path)]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
     assert retrieval_main(["index", "rollback", "--root", str(tmp_path), "--to", "../v2"]) == 2
     assert "version name" in capsys.readouterr().err
@@ -91,7 +91,7 @@ def test_cli_build_index(
     out = capsys.readouterr().out
     assert f"published {read_current(tmp_path)}" in out and "recall@600" in out
     assert retrieval_main(["build-index", *args, "--factory", "IVF32,Flat", "--search-params",
-                           "nprobe=1", "--no-progress"]) == 2  # fmt: skip
+                           "nprobe=1", "--no-progress"]) == 1  # fmt: skip
     assert "below the floor" in capsys.readouterr().err
 
 

@@ -120,7 +120,7 @@ def test_evaluate_cold_items_scores_only_cold_items(
     )
     assert "cold start (items)" in printed
     # The mode must match the dataset.
-    assert main([*args[:-1], "users", "--no-progress"]) == 2
+    assert main([*args[:-1], "users", "--no-progress"]) == 1
     assert "needs a dataset written by `retrieval data cold users`" in capsys.readouterr().err
 
 
@@ -133,5 +133,5 @@ def test_data_cold_cli_writes_the_dataset_and_refuses_a_cold_input(
     assert "cold users:" in capsys.readouterr().out
     assert load_dataset(out).schema.stats[COLD_STATS_KEY]["mode"] == "users"
     again = ["data", "cold", "items", "--data", str(out), "--out", str(tmp_path / "x")]
-    assert main(again) == 2
+    assert main(again) == 1
     assert "already a cold-start dataset" in capsys.readouterr().err

@@ -438,7 +438,7 @@ def test_cli_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     write_dataset(tmp_path / "tiny", users, items, events, schema)
     assert main(["data", "summary", str(tmp_path / "tiny")]) == 0
     assert "items           10" in capsys.readouterr().out
-    assert main(["data", "summary", str(tmp_path / "missing")]) == 2
+    assert main(["data", "summary", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "error: dataset directory not found" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,15 @@ def write_recbole_100k(directory: Path) -> Path:
     return directory
 
 
+def write_recbole_wheel(path: Path, source: Path, name: str = "ml-100k") -> Path:
+    """A zip laid out like the recbole wheel, holding `source`'s atomic files."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("recbole/__init__.py", "")
+        for file in sorted(source.iterdir()):
+            archive.write(file, f"recbole/dataset_example/{name}/{file.name}")
+    return path
+
+
 def interaction_rows(table: pa.Table) -> list[tuple[Any, ...]]:
     columns = ["user_id", "item_id", "timestamp", "rating", "split"]
     return list(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
@@ -240,6 +250,34 @@ def test_source_may_be_parent_or_file(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- RecBole
+
+
+def test_recbole_wheel_is_read_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = write_recbole_100k(tmp_path / "rb")
+    wheel = write_recbole_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl", raw)
+    from_files = prepare_movielens(tmp_path / "a", source=raw)
+    from_wheel = prepare_movielens(tmp_path / "b", source=wheel)
+    assert from_wheel.schema.stats["source"]["layout"] == "recbole"
+    assert from_wheel.interactions.equals(from_files.interactions)
+    assert from_wheel.items.equals(from_files.items)
+    # Without --source, a wheel in WHEEL_DIRECTORY is found when recbole is not installed.
+    monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda *a, **k: None)
+    monkeypatch.setattr(movielens, "WHEEL_DIRECTORY", tmp_path)
+    found = find_movielens_source("ml-100k")
+    assert str(found.directory).startswith(str(wheel))
+    assert prepare_movielens(tmp_path / "c").users.equals(from_files.users)
+
+
+def test_wheel_without_the_dataset_or_not_a_zip(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wheel = write_recbole_wheel(tmp_path / "recbole-0-py3-none-any.whl", empty)
+    with pytest.raises(FileNotFoundError, match=r"holds no recbole/dataset_example/ml-100k"):
+        find_movielens_source("ml-100k", wheel)
+    broken = tmp_path / "broken.whl"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(FileNotFoundError, match="no ml-100k files found"):
+        find_movielens_source("ml-100k", broken)
 
 
 def test_recbole_matches_grouplens(tmp_path: Path) -> None:
@@ -414,11 +452,14 @@ def test_missing_source_says_how_to_get_data(
         return None if name == "recbole" else real_find_spec(name, package)
 
     monkeypatch.setattr(movielens.importlib.util, "find_spec", find_spec_without_recbole)
+    monkeypatch.setattr(movielens, "WHEEL_DIRECTORY", tmp_path / "no-wheels")
     with pytest.raises(FileNotFoundError) as exc:
         prepare_movielens(tmp_path / "out")
     message = str(exc.value)
-    assert "recbole is not installed" in message
-    assert "pip install --no-deps recbole==1.2.1" in message
+    assert "no recbole copy is installed or downloaded" in message
+    assert "pip download --no-deps --dest" in message
+    assert not (tmp_path / "out").exists()
+    assert "recbole==1.2.1" in message
     assert "--source" in message
     with pytest.raises(FileNotFoundError, match=r"ml-1m not found: no --source given.*ml-1m.zip"):
         prepare_movielens(tmp_path / "out", name="ml-1m")
@@ -446,7 +487,7 @@ def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     printed = capsys.readouterr().out
     assert "interactions    8 (train 6, valid 0, test 2)" in printed
     assert "prepared ml-100k in" in printed
-    assert main(["data", "prepare", "ml-100k", "--out", str(out), "--source", str(source)]) == 2
+    assert main(["data", "prepare", "ml-100k", "--out", str(out), "--source", str(source)]) == 1
     assert "already exists" in capsys.readouterr().err
     args = ["data", "prepare", "ml-100k", "--out", str(out), "--source", str(source), "--overwrite"]
     assert main(args) == 0
@@ -457,8 +498,8 @@ def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 @pytest.mark.skipif(
     recbole_example_directory() is None,
-    reason="recbole is not installed, so its ml-100k copy is absent "
-    "(pip install --no-deps recbole==1.2.1)",
+    reason="no recbole copy of ml-100k: neither the package nor its wheel in "
+    "<venv>/share/two-tower-retrieval (make venv downloads it)",
 )
 def test_real_ml_100k_from_recbole(tmp_path: Path) -> None:
     start = time.perf_counter()
