@@ -36,8 +36,8 @@ debootstrap --variant=minbase \
     "$suite" "$rootfs" "$mirror" >&2
 
 chroot "$rootfs" /bin/sh -ec '
-    groupadd --system --gid 10001 retrieval
-    useradd --system --uid 10001 --gid retrieval --home-dir /home/retrieval --create-home \
+    groupadd --gid 10001 retrieval
+    useradd --uid 10001 --gid retrieval --home-dir /home/retrieval --create-home \
         --shell /usr/sbin/nologin retrieval
     apt-get clean
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc/* /usr/share/man/* \

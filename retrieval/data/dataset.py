@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,7 @@ def write_dataset(
     interactions: pa.Table,
     schema: DatasetSchema,
     overwrite: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Dataset:
     """Validate the tables, then write the dataset directory `out_dir` atomically.
 
@@ -283,6 +284,8 @@ def write_dataset(
         schema: the dataset schema; its `stats` gain the counts of users, items and
             interactions per split.
         overwrite: replace an existing `out_dir`.
+        extra_files: more text files written with the others (name -> content), e.g. the
+            editable schema of an import; plain names, none of the dataset's own files.
 
     Returns:
         The written dataset (tables in memory, `path` set).
@@ -292,6 +295,10 @@ def write_dataset(
         FileExistsError: `out_dir` exists and `overwrite` is false.
     """
     out_dir = Path(out_dir)
+    extra = dict(extra_files or {})
+    for name in extra:
+        if name in DATASET_FILES or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"`extra_files`: {name!r} is not a plain name of a file of its own")
     validate_dataset(Dataset(schema, users, items, interactions))
     schema = dataclasses.replace(
         schema, stats={**schema.stats, **dataset_stats(users, items, interactions)}
@@ -301,6 +308,8 @@ def write_dataset(
         pq.write_table(items, tmp / ITEMS_FILE)
         pq.write_table(interactions, tmp / INTERACTIONS_FILE)
         (tmp / SCHEMA_FILE).write_text(schema.to_json(), encoding="utf-8")
+        for name, text in extra.items():
+            (tmp / name).write_text(text, encoding="utf-8")
     logger.info("wrote dataset %r to %s", schema.name, out_dir)
     return Dataset(schema, users, items, interactions, path=out_dir)
 
