@@ -46,15 +46,18 @@ Example:
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, cast, get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from retrieval.features import PAD_INDEX, FeatureInput, FeatureKind
 from retrieval.kinds import (  # re-exported: the names' home
@@ -74,6 +77,9 @@ from retrieval.layers import (
     check_positive,
     check_rank,
 )
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -773,25 +779,338 @@ def random_batch(
     return batch
 
 
-ExportMode = Literal["auto", "eager", "trace", "compile"]
+ExportMode = Literal["auto", "eager", "trace", "compile", "export", "onnxruntime"]
 EXPORT_MODES: tuple[str, ...] = get_args(ExportMode)
 
 # What `export_query_tower(mode="auto")` picks: the fastest mode in bench/bench_model.py
 # on a 2-core CPU (see `export_query_tower`).
-AUTO_EXPORT_MODE: Literal["eager", "trace", "compile"] = "trace"
+AUTO_EXPORT_MODE: Literal["eager", "trace", "compile", "export", "onnxruntime"] = "trace"
+
+# The ONNX opset of exported towers (torch.onnx's default; onnxruntime >= 1.14 runs it).
+ONNX_OPSET = 18
+# The one output of an exported tower: float32 [batch, D], unit L2 norm per row.
+ONNX_OUTPUT_NAME = "embeddings"
+# The name of the batch dimension, shared by every input and the output.
+BATCH_DIM = "batch"
+
+
+@dataclass(frozen=True)
+class TowerInput:
+    """One input tensor of an exported tower: one graph input per feature of the batch.
+
+    Attributes:
+        name: the feature name, also the key of its tensor in an encoded batch.
+        kind: the feature kind (how the tower reads the tensor).
+        dtype: "int64" (indices, 0 = PAD) or "float32" (dense values).
+        shape: named dimensions (``"batch"``, ``"<name>_length"``) or fixed widths.
+    """
+
+    name: str
+    kind: FeatureKind
+    dtype: Literal["int64", "float32"]
+    shape: tuple[str | int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"name", "kind", "dtype", "shape"}``."""
+        return {
+            "name": self.name,
+            "kind": str(self.kind),
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
+
+
+def tower_inputs(tower: Tower) -> tuple[TowerInput, ...]:
+    """The inputs of `tower` once exported (torch.export, ONNX), one per feature, in order.
+
+    - categorical, hashed: int64 ``[batch]``
+    - bag, hashed_bag, history: int64 ``[batch, <name>_length]``, right-padded with 0 (PAD);
+      each feature has its own length dimension (at most ``history_max_length`` under
+      position pooling; a history of at most one item has length 1)
+    - dense: float32 ``[batch, width]``
+
+    Example:
+        >>> tower = Tower(
+        ...     (FeatureInput("user_id", FeatureKind.CATEGORICAL, 5, 4),
+        ...      FeatureInput("tags", FeatureKind.BAG, 7, 2),
+        ...      FeatureInput("age", FeatureKind.DENSE, 0, 2)),
+        ...     mlp_hidden=(8,), head_hidden=(), output_dim=4, rank=2,
+        ... )
+        >>> [(i.name, i.dtype, i.shape) for i in tower_inputs(tower)]
+        [('user_id', 'int64', ('batch',)), ('tags', 'int64', ('batch', 'tags_length')), ('age', 'float32', ('batch', 2))]
+    """
+    inputs = []
+    for feature in tower.embedding.features:
+        if feature.kind == FeatureKind.DENSE:
+            inputs.append(
+                TowerInput(
+                    feature.name, feature.kind, "float32", (BATCH_DIM, feature.embedding_dim)
+                )
+            )
+        elif feature.kind in POOLED_KINDS:
+            logits = tower.embedding.position_logits.get(feature.name)
+            # A history of at most one item (position pooling) is exported with length 1.
+            one = logits is not None and logits.shape[0] == 1
+            length: str | int = 1 if one else f"{feature.name}_length"
+            inputs.append(TowerInput(feature.name, feature.kind, "int64", (BATCH_DIM, length)))
+        else:
+            inputs.append(TowerInput(feature.name, feature.kind, "int64", (BATCH_DIM,)))
+    return tuple(inputs)
+
+
+class TowerOnTensors(nn.Module):
+    """`tower` called with one tensor per feature, positionally, in feature order.
+
+    What torch.export and the ONNX exporter trace: each tensor of the encoded batch becomes
+    one graph input (`tower_inputs`) instead of one entry of a dict.
+
+    Args:
+        tower: the tower to call.
+
+    Shapes:
+        inputs as `tower_inputs(tower)`; output ``[batch_size, D]``.
+    """
+
+    def __init__(self, tower: Tower) -> None:
+        super().__init__()
+        self.tower = tower
+        self.names = tower.feature_names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.tower(dict(zip(self.names, tensors, strict=True)))
+
+
+def _dense_embedding_bag(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: torch.Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> torch.Tensor | None:
+    """`F.embedding_bag` of a padded 2-D input as plain tensor ops, or None if not that case.
+
+    ``mean``: ``sum_t m_t E[x_t] / max(sum_t m_t, 1)``; ``sum``: ``sum_t m_t w_t E[x_t]``,
+    with ``m_t = [x_t != padding_idx]`` and ``w_t`` the per-sample weights: what
+    embedding_bag computes (an all-PAD row gives zeros), as a gather and a batched product.
+    """
+    if (
+        input.dim() != 2
+        or offsets is not None
+        or max_norm is not None
+        or include_last_offset
+        or mode not in ("mean", "sum")
+        or (mode == "mean" and per_sample_weights is not None)
+    ):
+        return None
+    rows = F.embedding(input, weight)  # (B, L, dim)
+    if padding_idx is None:
+        present = torch.ones_like(input, dtype=weight.dtype)  # (B, L)
+    else:
+        present = (input != padding_idx).to(weight.dtype)  # (B, L)
+    weights = present if per_sample_weights is None else present * per_sample_weights  # (B, L)
+    # A batched (1 x L) @ (L x dim) product: one pass over the rows (multiply + sum: three).
+    pooled = torch.bmm(weights.unsqueeze(1), rows).squeeze(1)  # (B, dim)
+    if mode == "mean":
+        return pooled / present.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, dim)
+    return pooled
+
+
+class _DenseEmbeddingBags(TorchFunctionMode):
+    """While active, `F.embedding_bag` on padded 2-D input runs as `_dense_embedding_bag`.
+
+    The ONNX exporter turns embedding_bag into a Loop over the bags: onnxruntime (1 thread)
+    took ~240 ms on the ml-100k query tower at batch 1024, history of 50, against ~3 ms
+    for the plain ops (one run on a shared 2-core VM). The plain ops give the same values.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding_bag:
+            out = _dense_embedding_bag(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def _example_inputs(tower: Tower) -> tuple[torch.Tensor, ...]:
+    """A random batch of 4, pooled lengths 4 (at most `history_max_length`), as a tuple.
+
+    Sizes of 2 or more: torch.export specialises a dimension whose example size is 0 or 1.
+    """
+    lengths = {
+        name: min(4, logits.shape[0]) for name, logits in tower.embedding.position_logits.items()
+    }
+    batch = random_batch(
+        tower.embedding.features, 4, lengths, generator=torch.Generator().manual_seed(0)
+    )
+    return tuple(batch[name] for name in tower.feature_names)
+
+
+def _dynamic_shapes(tower: Tower) -> tuple[tuple[dict[int, Any], ...]]:
+    """torch.export's `dynamic_shapes` for `TowerOnTensors(tower)`: a dynamic batch size
+    shared by every input, and a dynamic length per pooled feature (at most
+    ``history_max_length`` under position pooling)."""
+    from torch.export import Dim
+
+    batch = Dim(BATCH_DIM)
+    shapes: list[dict[int, Any]] = []
+    for index, spec in enumerate(tower_inputs(tower)):
+        dims: dict[int, Any] = {0: batch}
+        if len(spec.shape) == 2 and isinstance(spec.shape[1], str):  # a pooled length
+            logits = tower.embedding.position_logits.get(spec.name)
+            # Dim names must be identifiers; the ONNX export renames them (`tower_inputs`).
+            name = f"length_{index}"
+            dims[1] = Dim(name) if logits is None else Dim(name, max=int(logits.shape[0]))
+        shapes.append(dims)
+    return (tuple(shapes),)  # one entry: the *tensors argument of TowerOnTensors
+
+
+def export_tower_program(tower: Tower) -> torch.export.ExportedProgram:
+    """`torch.export` of `tower` (put in eval mode): a graph with a dynamic batch size and
+    dynamic bag and history lengths, one input per feature (`tower_inputs`).
+
+    Bag and history pooling are recorded as gather + reduce (`_dense_embedding_bag`, the
+    values of embedding_bag): the ONNX exporter turns embedding_bag into a loop over the
+    bags, and torch.export's embedding_bag graph refuses batch 1 (its guards assume
+    batch >= 2). The batch checks of `FeatureEmbedding` are Python conditions: the graph
+    keeps them only as guards, so callers check batches first.
+
+    Args:
+        tower: the tower to export (traced on a random batch; values do not steer it).
+
+    Returns:
+        The `torch.export.ExportedProgram`; ``program.module()(*tensors) -> [batch_size, D]``.
+    """
+    tower.eval()
+    with warnings.catch_warnings(), torch.no_grad(), _DenseEmbeddingBags():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
+        return torch.export.export(
+            TowerOnTensors(tower), _example_inputs(tower), dynamic_shapes=_dynamic_shapes(tower)
+        )
+
+
+def export_tower_onnx(tower: Tower, opset: int = ONNX_OPSET) -> torch.onnx.ONNXProgram:
+    """`tower` as an ONNX model (torch.onnx's dynamo exporter on `export_tower_program`).
+
+    Inputs are named and shaped as `tower_inputs(tower)` (dimension names included);
+    the output is `ONNX_OUTPUT_NAME`, float32 ``[batch, D]``. Needs the onnx and
+    onnxscript packages.
+
+    Args:
+        tower: the tower to export.
+        opset: the ONNX opset version.
+
+    Returns:
+        The `torch.onnx.ONNXProgram` (``.save(path)``, ``.model_proto``).
+
+    Raises:
+        RuntimeError: the exported model's inputs differ from `tower_inputs`.
+    """
+    program = export_tower_program(tower)
+    specs = tower_inputs(tower)
+    # The exporter's chatter: a warning per torchvision op it cannot find, an info line per
+    # optimisation pass (verbose=False keeps its progress lines off stdout).
+    quiet = {"torch.onnx": logging.ERROR, "onnxscript": logging.WARNING, "onnx_ir": logging.WARNING}
+    levels = {logger_name: logging.getLogger(logger_name).level for logger_name in quiet}
+    try:
+        for logger_name, level in quiet.items():
+            logging.getLogger(logger_name).setLevel(level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                input_names=[spec.name for spec in specs],
+                output_names=[ONNX_OUTPUT_NAME],
+                opset_version=opset,
+                verbose=False,
+            )
+    finally:
+        for logger_name, level in levels.items():
+            logging.getLogger(logger_name).setLevel(level)
+    if onnx_program is None:  # only the TorchScript exporter returns None
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
+    graph_inputs = onnx_program.model.graph.inputs
+    renames: dict[Any, str] = {}  # symbolic dim name -> ours
+    for value, spec in zip(graph_inputs, specs, strict=True):
+        assert value.shape is not None
+        for dim, name in zip(value.shape, spec.shape, strict=True):
+            if isinstance(name, str) and not isinstance(dim, int) and dim.value is not None:
+                renames[dim.value] = name
+    onnx_program.rename_axes(renames)
+    got = [
+        (value.name, [d if isinstance(d, int) else d.value for d in value.shape or ()])
+        for value in graph_inputs
+    ]
+    expected = [(spec.name, list(spec.shape)) for spec in specs]
+    if got != expected:
+        raise RuntimeError(f"the ONNX tower's inputs are {got}; expected {expected}")
+    return onnx_program
+
+
+class _OnnxRuntimeTower:
+    """An ONNX tower in an onnxruntime session, called like the tower: batch -> tensor.
+
+    Inputs go to onnxruntime as numpy arrays sharing the tensors' memory (contiguous ones);
+    the output comes back as a tensor over onnxruntime's array.
+    """
+
+    def __init__(self, session: onnxruntime.InferenceSession, names: Sequence[str]) -> None:
+        self.session = session
+        self.names = tuple(names)
+        self.output_names = [ONNX_OUTPUT_NAME]
+
+    def __call__(self, inputs: Batch) -> torch.Tensor:
+        feeds = {name: inputs[name].contiguous().numpy() for name in self.names}
+        (out,) = self.session.run(self.output_names, feeds)
+        return torch.from_numpy(out)  # (B, D)
+
+
+def onnxruntime_session(path: str | Path, threads: int = 1) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session over the ONNX model at `path` (weights beside it too).
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (inter-op: 1, sequential execution).
+
+    Returns:
+        The `onnxruntime.InferenceSession`.
+    """
+    import onnxruntime
+
+    check_positive("threads", threads)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class ExportedQueryTower:
     """A query tower prepared for serving: one Python call embeds one batch.
 
     Calls run under ``torch.inference_mode()`` on the tower in eval mode. The batch is
-    checked (`FeatureEmbedding.check_batch`) before the compiled or traced function
-    runs, so bad input gets the same ``ValueError`` as in eager mode.
+    checked (`FeatureEmbedding.check_batch`, and the history length under position
+    pooling) before the compiled, traced, exported or onnxruntime function runs, so bad
+    input gets the same ``ValueError`` as in eager mode.
 
     Args:
         tower: the query tower (put in eval mode).
-        function: the callable that runs it (the tower, its trace or its compiled form).
-        mode: "eager", "trace" or "compile", for logs and metrics.
+        function: the callable that runs it (the tower, its trace, its compiled form, its
+            exported program or its onnxruntime session), ``{name: tensor} -> [B, D]``.
+        mode: "eager", "trace", "compile", "export" or "onnxruntime", for logs and metrics.
 
     Shapes:
         ``__call__``: an encoded query batch -> ``[batch_size, D]``.
@@ -802,9 +1121,18 @@ class ExportedQueryTower:
         self.function = function
         self.mode = mode
         self.feature_names = tower.feature_names
+        self.max_lengths = {
+            name: int(logits.shape[0]) for name, logits in tower.embedding.position_logits.items()
+        }
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         self.tower.embedding.check_batch(batch)
+        for name, max_length in self.max_lengths.items():  # eager raises it in `forward`
+            if batch[name].shape[1] > max_length:
+                raise ValueError(
+                    f"feature {name!r} holds {batch[name].shape[1]} items; position "
+                    f"pooling was built for at most {max_length}"
+                )
         inputs = {name: batch[name] for name in self.feature_names}
         with torch.inference_mode():
             return self.function(inputs)
@@ -817,6 +1145,8 @@ def export_query_tower(
     model: TwoTowerModel | Tower,
     mode: ExportMode = "auto",
     example_batch: Batch | None = None,
+    *,
+    threads: int = 1,
 ) -> ExportedQueryTower:
     """Prepare the query tower for serving under ``torch.inference_mode``.
 
@@ -843,24 +1173,42 @@ def export_query_tower(
     are within the noise (the matrix products dominate). torch.compile brings no gain
     here and costs a minute or more of cold start. So ``"auto"`` means ``"trace"``
     (`AUTO_EXPORT_MODE`). Outputs equal eager's (max |diff| 0 for trace, 6e-8 for compile).
+    The same benchmark times ``"export"`` and ``"onnxruntime"`` beside them
+    (``bench/bench_model.py --export-only``).
 
-    ``"trace"`` records the graph once with `torch.jit.trace` (deprecated by PyTorch; the
-    warning is silenced here) and freezes it: the weights become constants, so export
-    again after loading new weights. The batch check stays in Python, so bad input still
-    gets the `FeatureEmbedding` ``ValueError``; the graph generalises over batch size and
-    bag lengths (no shape-dependent branches). ``"compile"`` wraps the tower in
-    `torch.compile` with ``dynamic=True``, so new batch sizes do not recompile.
+    The modes:
+
+    - ``"eager"``: the tower itself.
+    - ``"trace"``: `torch.jit.trace` (deprecated by PyTorch; the warning is silenced here),
+      frozen: the weights become constants, so export again after loading new weights.
+      Kept as the fallback for when the two below fail (the service's order).
+    - ``"export"``: `torch.export` (`export_tower_program`), run as
+      ``ExportedProgram.module()``: an aten-level graph, guards checked on every call.
+    - ``"onnxruntime"``: the ONNX export of the tower (`export_tower_onnx`, a few
+      seconds) in an onnxruntime `InferenceSession` with `threads` intra-op threads;
+      inputs go in as numpy arrays, the output comes back as a tensor. The session holds
+      its own copy of the weights (the shared item id table included). Needs onnx,
+      onnxscript and onnxruntime.
+    - ``"compile"``: `torch.compile` with ``dynamic=True``, so new batch sizes do not
+      recompile.
+
+    Every mode generalises over batch size and bag lengths (no shape-dependent branches);
+    the batch check stays in Python, so bad input still gets the `FeatureEmbedding`
+    ``ValueError``.
 
     Args:
         model: a `TwoTowerModel` (its query tower is used) or a `Tower`.
-        mode: "auto", "eager", "trace" or "compile".
+        mode: "auto", "eager", "trace", "compile", "export" or "onnxruntime".
         example_batch: a batch to trace with (mode "trace"); default a random batch of 8.
+        threads: "onnxruntime": intra-op threads of the session (the torch modes use
+            torch's own setting, `torch.set_num_threads`).
 
     Returns:
         An `ExportedQueryTower`: ``tower(batch) -> [batch_size, D]``.
     """
     if mode not in EXPORT_MODES:
         raise ValueError(f"`mode` must be one of {list(EXPORT_MODES)}; got {mode!r}")
+    check_positive("threads", threads)
     tower = model.query_tower if isinstance(model, TwoTowerModel) else model
     tower.eval()
     chosen = AUTO_EXPORT_MODE if mode == "auto" else mode
@@ -878,6 +1226,20 @@ def export_query_tower(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # check_batch's shape tests
             traced = torch.jit.trace(tower, (inputs,), strict=False, check_trace=False)
             function = torch.jit.freeze(traced.eval())  # weights become constants
+    elif chosen == "export":
+        module = export_tower_program(tower).module()
+        names = tower.feature_names
+
+        def function(inputs: Batch) -> torch.Tensor:
+            return module(*(inputs[name] for name in names))
+
+    elif chosen == "onnxruntime":
+        # Through a file: a model over protobuf's 2 GiB limit keeps its weights beside it.
+        with tempfile.TemporaryDirectory(prefix="query-tower-onnx-") as tmp:
+            path = Path(tmp) / "query_tower.onnx"
+            export_tower_onnx(tower).save(path)
+            session = onnxruntime_session(path, threads)
+        function = _OnnxRuntimeTower(session, tower.feature_names)
     else:
         function = torch.compile(tower, dynamic=True)
     logger.info(

@@ -4,7 +4,8 @@ The lifespan loads everything once (`retrieval serve` does it in a background ta
 the server answers /healthz during a cold start while /readyz says 503):
 
 1. the model bundle (checksums verified) and its query tower, exported for serving
-   (`export_query_tower`; a traced tower is compared with the eager one first);
+   (`export_query_tower`; an exported tower is compared with the eager one first, and
+   export / onnxruntime fall back to trace, then eager);
 2. the index version CURRENT names, checked against the model (`IndexManager`);
 3. the feature store: Redis when `redis_url` is set (plus the response cache and the
    subscription to the index job's announcements), else the embedded store built from
@@ -75,31 +76,50 @@ _TRACE_TOLERANCE = 1e-4  # max |traced - eager| accepted for the exported query 
 
 
 def export_checked_query_tower(
-    bundle: ModelBundle, schema: QuerySchema, mode: str
+    bundle: ModelBundle, schema: QuerySchema, mode: str, *, threads: int = 1
 ) -> tuple[Callable[[Mapping[str, torch.Tensor]], torch.Tensor], str]:
     """The query tower prepared for serving, and the mode actually used.
 
-    A traced tower is compared with the eager tower on a batch of real-shaped queries;
-    on any disagreement (or a failed trace) the eager tower is used.
+    An exported tower (trace, torch.export, onnxruntime, compile) is compared with the
+    eager tower on real-shaped queries, at batch 1 and 3 (histories of 3 items and none);
+    on any disagreement or failure the next mode is tried: "export" and "onnxruntime"
+    fall back to "trace", every mode to "eager". `threads`: the intra-op threads of an
+    onnxruntime session (the torch modes follow `torch.set_num_threads`).
     """
+    from retrieval.towers import AUTO_EXPORT_MODE  # read now: "auto" follows its value
+
+    chosen = AUTO_EXPORT_MODE if mode == "auto" else mode
+    candidates = [chosen, "trace"] if chosen in ("export", "onnxruntime") else [chosen]
+    if chosen == "eager":
+        return export_query_tower(bundle.model, "eager"), "eager"
     example = encode_query_rows(bundle.encoder, [QueryFeatures({})] * 4)
-    if mode == "eager":
-        return export_query_tower(bundle.model, "eager"), "eager"
-    try:
-        exported = export_query_tower(bundle.model, mode, example_batch=example)  # type: ignore[arg-type]
-        probe = encode_query_rows(
+    history = tuple(bundle.encoder.item_ids[:3].to_pylist())
+    probes = [
+        encode_query_rows(bundle.encoder, [QueryFeatures({}, history=history)]),
+        encode_query_rows(
             bundle.encoder,
-            [QueryFeatures({}, history=tuple(bundle.encoder.item_ids[:3].to_pylist()))] * 3,
-        )
-        with torch.inference_mode():
-            eager = bundle.model.query_tower(probe)
-            traced = exported(probe)
-        if eager.shape != traced.shape or float((eager - traced).abs().max()) > _TRACE_TOLERANCE:
-            raise RuntimeError("the exported query tower disagrees with the eager one")
-        return exported, exported.mode
-    except Exception as exc:
-        logger.warning("query tower export %r failed (%s); serving the eager tower", mode, exc)
-        return export_query_tower(bundle.model, "eager"), "eager"
+            [QueryFeatures({}, history=history), QueryFeatures({}), QueryFeatures({})],
+        ),
+    ]
+    for candidate in candidates:
+        try:
+            exported = export_query_tower(
+                bundle.model,
+                candidate,  # type: ignore[arg-type]
+                example_batch=example,
+                threads=threads,
+            )
+            for probe in probes:
+                with torch.inference_mode():
+                    eager = bundle.model.query_tower(probe)
+                    got = exported(probe)
+                if eager.shape != got.shape or float((eager - got).abs().max()) > _TRACE_TOLERANCE:
+                    raise RuntimeError("the exported query tower disagrees with the eager one")
+            return exported, exported.mode
+        except Exception as exc:
+            logger.warning("query tower export %r failed (%s)", candidate, exc)
+    logger.warning("serving the eager query tower (asked for %r)", mode)
+    return export_query_tower(bundle.model, "eager"), "eager"
 
 
 def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[str, Any]:
@@ -107,7 +127,9 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
     started = time.perf_counter()
     bundle = load_bundle(settings.model_dir)
     schema = QuerySchema.from_encoder(bundle.encoder)  # with the dense train statistics
-    embed, mode = export_checked_query_tower(bundle, schema, settings.query_tower_mode)
+    embed, mode = export_checked_query_tower(
+        bundle, schema, settings.query_tower_mode, threads=settings.torch_threads
+    )
     manager = IndexManager(
         settings.index_root,
         model_dim=bundle.model.output_dim,

@@ -161,8 +161,13 @@ class ServiceSettings(BaseSettings):
         le=256,
         description="OpenMP threads of FAISS searches (applied on the batch worker thread).",
     )
-    query_tower_mode: Literal["auto", "eager", "trace"] = Field(
-        default="auto", description="How the query tower is prepared (`export_query_tower`)."
+    query_tower_mode: Literal["auto", "eager", "trace", "export", "onnxruntime"] = Field(
+        default="auto",
+        description="How the query tower is prepared (`export_query_tower`): `auto` (the "
+        "mode `retrieval.towers.AUTO_EXPORT_MODE` names), `eager`, `trace` (torch.jit), "
+        "`export` (torch.export) or `onnxruntime` (an ONNX export run by onnxruntime, one "
+        "intra-op thread); checked against eager at start-up, falling back to `trace`, then "
+        "`eager`.",
     )
     fast_path: bool = Field(
         default=True,

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from retrieval import towers as towers_module
 from retrieval.features import FeatureInput, FeatureKind
 from retrieval.towers import (
     ARRANGEMENTS,
@@ -23,6 +25,7 @@ from retrieval.towers import (
     Tower,
     TowerConfig,
     TwoTowerModel,
+    _dense_embedding_bag,
     export_query_tower,
     random_batch,
 )
@@ -360,7 +363,7 @@ def test_model_config_refuses_inconsistent_towers() -> None:
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("mode", ["eager", "trace", "auto"])
+@pytest.mark.parametrize("mode", ["eager", "trace", "export", "onnxruntime", "auto"])
 def test_exported_query_tower_matches_eager(mode: str) -> None:
     model = TwoTowerModel(small_model_config(cross_kind="mix"))
     model.eval()
@@ -396,6 +399,63 @@ def test_export_refuses_unknown_mode() -> None:
     model = TwoTowerModel(small_model_config())
     with pytest.raises(ValueError, match=r"`mode` must be one of .*; got 'onnx'"):
         export_query_tower(model, mode="onnx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`threads` must be .*; got 0"):
+        export_query_tower(model, mode="onnxruntime", threads=0)
+
+
+@pytest.mark.parametrize("auto", ["export", "onnxruntime"])
+def test_auto_follows_auto_export_mode(auto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting `AUTO_EXPORT_MODE` to a new mode is all "auto" needs (what the service asks)."""
+    monkeypatch.setattr(towers_module, "AUTO_EXPORT_MODE", auto)
+    model = TwoTowerModel(small_model_config(arrangement="stacked", cross_kind="masked")).eval()
+    tower = export_query_tower(model)
+    assert tower.mode == auto
+    for size, length in ((1, 1), (1, 4), (64, 9)):  # batch 1 and larger, several lengths
+        batch = random_batch(QUERY_FEATURES, size, lengths={"history": length})
+        batch["history"][0] = 0  # an all-PAD history
+        with torch.no_grad():
+            expected = model.embed_queries(batch)
+        assert float((tower(batch) - expected).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["trace", "export", "onnxruntime"])
+def test_exported_tower_refuses_bad_batches_like_eager(mode: str) -> None:
+    model = TwoTowerModel(small_model_config()).eval()
+    tower = export_query_tower(model, mode=mode)  # type: ignore[arg-type]
+    good = query_batch()
+    bad_batches = [
+        {k: v for k, v in good.items() if k != "zip"},
+        {**good, "user_id": good["user_id"].float()},
+        {**good, "history": good["history"][:, 0]},
+        {**good, "user_id": torch.tensor([1, 2, 3])},
+    ]
+    for bad in bad_batches:
+        with pytest.raises(ValueError) as eager_error:
+            model.embed_queries(bad)
+        with pytest.raises(ValueError) as exported_error:
+            tower(bad)
+        assert str(exported_error.value) == str(eager_error.value)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("padding_idx", [0, None])
+def test_dense_embedding_bag_equals_embedding_bag(mode: str, padding_idx: int | None) -> None:
+    """The plain-ops pooling the exported graphs record gives embedding_bag's values."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 3, generator=generator)
+    values = torch.tensor([[3, 4, 0, 0], [0, 0, 0, 0], [7, 7, 9, 1], [0, 5, 0, 2]])
+    weights = torch.rand(4, 4, generator=generator) if mode == "sum" else None
+    expected = F.embedding_bag(
+        values, weight, mode=mode, per_sample_weights=weights, padding_idx=padding_idx
+    )
+    got = _dense_embedding_bag(
+        values, weight, mode=mode, per_sample_weights=weights, padding_idx=padding_idx
+    )
+    assert got is not None
+    torch.testing.assert_close(got, expected)
+    # Cases it does not cover are left to embedding_bag itself.
+    assert _dense_embedding_bag(values.reshape(-1), weight, torch.tensor([0, 8])) is None
+    assert _dense_embedding_bag(values, weight, mode="max") is None
 
 
 def test_random_batch_layouts() -> None:
@@ -445,8 +505,15 @@ def test_position_pooled_tower_exports_and_round_trips() -> None:
     assert rebuilt.query.history_pooling == "position" and rebuilt.query.history_max_length == 8
     with torch.no_grad():
         model.query_tower.embedding.position_logits["history"].copy_(torch.linspace(1, -1, 8))
-    tower = export_query_tower(model, mode="trace")
-    for length in (8, 3):  # traced at 8; serves any length up to it
-        batch = random_batch(QUERY_FEATURES, 5, lengths={"history": length})
-        with torch.no_grad():
-            torch.testing.assert_close(tower(batch), model.embed_queries(batch))
+    for mode in ("trace", "export", "onnxruntime"):
+        tower = export_query_tower(model, mode=mode)  # type: ignore[arg-type]
+        for size, length in ((5, 8), (5, 3), (1, 1)):  # any length up to 8
+            batch = random_batch(QUERY_FEATURES, size, lengths={"history": length})
+            with torch.no_grad():
+                expected = model.embed_queries(batch)
+            assert float((tower(batch) - expected).abs().max()) <= 1e-5, (mode, size, length)
+        too_long = random_batch(QUERY_FEATURES, 2, lengths={"history": 9})
+        with pytest.raises(
+            ValueError, match="holds 9 items; position pooling was built for at most 8"
+        ):
+            tower(too_long)

@@ -508,3 +508,18 @@ def test_serve_reads_the_redis_url_from_a_file_flag_or_the_environment(
     assert settings("--redis-url", "redis://flag:6379/0").redis_url_value == "redis://flag:6379/0"
     with pytest.raises(SystemExit):  # one or the other
         build_parser().parse_args([*base, "--redis-url", "redis://x/0", "--redis-url-file", "f"])
+
+
+@pytest.mark.parametrize("mode", ["export", "onnxruntime"])
+def test_query_tower_modes_are_served(
+    mode: str, tiny_bundle: Path, tiny_index: Path, tiny_dataset: Path
+) -> None:
+    """A mode that fails its start-up check falls back silently: check it is really served."""
+    settings = ServiceSettings(
+        model_dir=tiny_bundle, index_root=tiny_index, data_dir=tiny_dataset, query_tower_mode=mode
+    )
+    with TestClient(create_app(settings)) as mode_client:
+        assert mode_client.get("/v1/info").json()["model"]["query_tower_mode"] == mode
+        answer = retrieve(mode_client, {"query": QUERY, "k": 10})
+        assert answer.status_code == 200
+        assert answer.json()["ids"] == expected_ids(tiny_bundle, tiny_index, QUERY, 10)
