@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements/dev.lock
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -r requirements/dev.lock
-	$(PIP) install --quiet --no-deps -e .
+	PYTHONWARNINGS=ignore $(PIP) install --quiet --no-deps -e .  # no setuptools banner about editable installs
 	$(PIP) download --quiet --no-deps --dest $(VENV)/share/two-tower-retrieval \
 		recbole==$(RECBOLE_VERSION)
 	touch $@
@@ -75,10 +75,18 @@ test-floors: requirements/floors.lock
 	$(FLOORS_VENV)/bin/pip install --quiet --upgrade pip
 	$(FLOORS_VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
 	$(FLOORS_VENV)/bin/pip install --quiet -r requirements/floors.lock
-	$(FLOORS_VENV)/bin/pip install --quiet --no-deps -e .
+	PYTHONWARNINGS=ignore $(FLOORS_VENV)/bin/pip install --quiet --no-deps -e .
 	$(FLOORS_VENV)/bin/pip download --quiet --no-deps \
 		--dest $(FLOORS_VENV)/share/two-tower-retrieval recbole==$(RECBOLE_VERSION)
 	$(FLOORS_VENV)/bin/pytest -q -p no:cacheprovider
+
+# The images and the compose stack built and run for real on a Docker engine, end to end
+# (docker/docker-test.sh: build, jobs, API queries, index hot swap, clean stop; results in
+# bench/results/docker_test.json). Not part of `make test`, which needs no Docker. Prints
+# SKIP with the reason where Docker cannot run; DOCKER_TEST_REQUIRED=1 fails instead.
+.PHONY: docker-test
+docker-test:
+	bash docker/docker-test.sh
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
