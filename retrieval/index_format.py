@@ -76,7 +76,8 @@ METRIC = "inner_product"
 PUBLISH_CHANNEL = "retrieval:index:published"
 
 # Search-time parameters understood by `faiss.ParameterSpace` that a manifest may carry.
-SEARCH_PARAM_NAMES = ("nprobe", "efSearch", "k_factor", "quantizer_efSearch", "ht")
+# k_factor: IndexIVFPQR; k_factor_rf: the refine factor of an `...,RFlat` (IndexRefine) index.
+SEARCH_PARAM_NAMES = ("nprobe", "efSearch", "k_factor", "k_factor_rf", "quantizer_efSearch", "ht")
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -783,8 +783,8 @@ ExportMode = Literal["auto", "eager", "trace", "compile", "export", "onnxruntime
 EXPORT_MODES: tuple[str, ...] = get_args(ExportMode)
 
 # What `export_query_tower(mode="auto")` picks: the fastest mode in bench/bench_model.py
-# on a 2-core CPU (see `export_query_tower`).
-AUTO_EXPORT_MODE: Literal["eager", "trace", "compile", "export", "onnxruntime"] = "trace"
+# on a 2-core CPU (see `export_query_tower`); trace is the fallback when it fails.
+AUTO_EXPORT_MODE: Literal["eager", "trace", "compile", "export", "onnxruntime"] = "onnxruntime"
 
 # The ONNX opset of exported towers (torch.onnx's default; onnxruntime >= 1.14 runs it).
 ONNX_OPSET = 18
@@ -1150,31 +1150,30 @@ def export_query_tower(
 ) -> ExportedQueryTower:
     """Prepare the query tower for serving under ``torch.inference_mode``.
 
-    Measured with ``bench/bench_model.py`` on the ml-100k default config (parallel,
-    full-rank cross, 3 layers, MLP 256-128-64, head 128, D = 64; query d = 92, history of
-    50), torch 2.13 CPU, machine: 2-core CPU shared with four other jobs (load average
-    5-7, so absolute numbers are inflated and noisy). Best of 7 interleaved rounds of
-    block medians, ms per call, `ExportedQueryTower` overhead (batch check, 6 us) included:
+    Measured with ``bench/bench_model.py --export-only`` (``bench/results/
+    bench_model_export.json``) on the ml-100k default config, torch 2.13 CPU, onnxruntime
+    1.32, a quiet 2-core VM (a Python loop of 10^7 additions: 0.53 s). Best of 7
+    interleaved rounds of block medians, ms per call, `ExportedQueryTower` overhead (the
+    batch check) included; two runs gave the same figures within 4 %:
 
-    ==========  =======  =========  ==========  ====================================
-    mode        threads  batch 1    batch 1024  first call (export + compile)
-    ==========  =======  =========  ==========  ====================================
-    eager       1        0.75       11.6        0.2 s
-    trace       1        0.40       9.5         0.4 s
-    compile     1        0.65       9.3         15 s (warm inductor cache; 80-95 s cold)
-    eager       2        0.98       44.1
-    trace       2        0.44       40.1
-    compile     2        1.16       40.9
-    ==========  =======  =========  ==========  ====================================
+    ===========  =======  =======  ==========  =============================
+    mode         threads  batch 1  batch 1024  first call (export included)
+    ===========  =======  =======  ==========  =============================
+    eager        1        0.152    3.17        0.005 s
+    trace        1        0.075    2.89        0.07 s
+    export       1        0.284    3.08        1.2 s
+    onnxruntime  1        0.040    2.40        2.0 s
+    eager        2        0.154    2.55
+    trace        2        0.077    2.36
+    export       2        0.282    2.36
+    onnxruntime  2        0.039    1.78        1.1 s
+    ===========  =======  =======  ==========  =============================
 
-    Another set of rounds (trace without freezing, 1 thread): eager 0.57 / 13.2, trace 0.32 /
-    15.3, compile 0.54 / 16.6 ms. Trace wins at batch 1 in every run (about 1.7-2x
-    eager: it removes the Python overhead of ~30 module calls); at batch 1024 the three
-    are within the noise (the matrix products dominate). torch.compile brings no gain
-    here and costs a minute or more of cold start. So ``"auto"`` means ``"trace"``
-    (`AUTO_EXPORT_MODE`). Outputs equal eager's (max |diff| 0 for trace, 6e-8 for compile).
-    The same benchmark times ``"export"`` and ``"onnxruntime"`` beside them
-    (``bench/bench_model.py --export-only``).
+    onnxruntime takes 0.53x trace's time at batch 1 and 0.83x at batch 1024, so ``"auto"``
+    means ``"onnxruntime"`` (`AUTO_EXPORT_MODE`); torch.export's ``.module()`` checks its
+    guards in Python on every call and is the slowest at batch 1. Outputs equal eager's
+    within 1.1e-7. torch.compile (an earlier run, 1 thread) brought no gain over trace and
+    costs a minute or more of cold start.
 
     The modes:
 
