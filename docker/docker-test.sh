@@ -491,7 +491,9 @@ info=$(client request "$API/v1/info")
 [ "$(json_field status <<< "$info")" = 200 ] || fail "/v1/info: $info"
 first_version=$(json_field body <<< "$info" | json_field index.version)
 model_version=$(json_field body <<< "$info" | json_field model.version)
-log "/v1/info: model $model_version, index $first_version"
+tower_mode=$(json_field body <<< "$info" | json_field model.query_tower_mode)
+record api_query_tower_mode "$tower_mode"
+log "/v1/info: model $model_version, index $first_version, query tower $tower_mode"
 
 answer=$(client request "$API/v1/retrieve" POST '{"user_id": "196", "k": 10}')
 [ "$(json_field status <<< "$answer")" = 200 ] || fail "/v1/retrieve: $answer"
