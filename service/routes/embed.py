@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -29,10 +28,9 @@ from starlette.responses import Response
 
 from service.dependencies import get_engine, get_limiter, get_settings, require_api_key
 from service.engine import RetrievalEngine
-from service.errors import InvalidRequestError
 from service.middleware import AdmissionLimiter
 from service.retriever import RetrievalResult
-from service.routes.retrieve import ERRORS, deadline_error, json_response
+from service.routes.retrieve import ERRORS, admitted, check_batch_size, json_response
 from service.schemas import (
     BatchEmbedRequest,
     BatchEmbedResponse,
@@ -81,13 +79,9 @@ async def embed(
     """Inline `query` features and/or a `user_id`, read as /v1/retrieve reads them; the
     L2-normalised query embedding the index would be searched with."""
     started = time.perf_counter()
-    with limiter.admit():
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                prepared = await engine.prepare(as_retrieve_request(body))
-                result = await engine.embed(prepared)
-        except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+    async with admitted(engine, limiter, settings):
+        prepared = await engine.prepare(as_retrieve_request(body))
+        result = await engine.embed(prepared)
     return json_response(embedding_answer(result, engine, started))
 
 
@@ -105,22 +99,13 @@ async def embed_batch(
 ) -> Response:
     """Each query as in /v1/embed; answers in request order. Any bad query fails the call."""
     started = time.perf_counter()
-    if len(body.queries) > settings.max_batch_queries:
-        raise InvalidRequestError(
-            f"`queries` must hold at most {settings.max_batch_queries} queries; "
-            f"got {len(body.queries)}",
-            field="queries",
-        )
-    with limiter.admit(len(body.queries)):
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                prepared = [
-                    await engine.prepare(as_retrieve_request(query), prefix=f"queries[{i}].")
-                    for i, query in enumerate(body.queries)
-                ]
-                results = await engine.embed_many(prepared)
-        except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+    check_batch_size(len(body.queries), settings)
+    async with admitted(engine, limiter, settings, len(body.queries)):
+        prepared = [
+            await engine.prepare(as_retrieve_request(query), prefix=f"queries[{i}].")
+            for i, query in enumerate(body.queries)
+        ]
+        results = await engine.embed_many(prepared)
     answers = [embedding_answer(result, engine, started) for result in results]
     took_ms = round((time.perf_counter() - started) * 1000, 3)
     return json_response({"results": answers, "took_ms": took_ms})

@@ -15,6 +15,7 @@ import contextlib
 import email.message
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -73,6 +74,32 @@ def deadline_error(engine: RetrievalEngine, timeout_s: float) -> DeadlineExceede
     return DeadlineExceededError(f"the request did not finish within {timeout_s:g} s")
 
 
+def check_batch_size(count: int, settings: ServiceSettings) -> None:
+    """A batch route's `queries` within `max_batch_queries` (422 naming the field)."""
+    if count > settings.max_batch_queries:
+        raise InvalidRequestError(
+            f"`queries` must hold at most {settings.max_batch_queries} queries; got {count}",
+            field="queries",
+        )
+
+
+@contextlib.asynccontextmanager
+async def admitted(
+    engine: RetrievalEngine,
+    limiter: AdmissionLimiter,
+    settings: ServiceSettings,
+    queries: int = 1,
+) -> AsyncIterator[None]:
+    """The work of one request: `queries` admission slots (429 when full), and the request
+    deadline (504 past `request_timeout_s`)."""
+    with limiter.admit(queries):
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                yield
+        except TimeoutError as exc:
+            raise deadline_error(engine, settings.request_timeout_s) from exc
+
+
 @router.post(
     "/retrieve",
     response_model=RetrieveResponse,
@@ -98,13 +125,9 @@ async def retrieve_one(
     """One retrieval under the admission limit and the deadline (the work of both routes of
     POST /v1/retrieve); errors are raised as `ServiceError`s."""
     started = time.perf_counter()
-    with limiter.admit():
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                prepared = await engine.prepare(body)
-                result, cached = await engine.execute(prepared)
-        except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+    async with admitted(engine, limiter, settings):
+        prepared = await engine.prepare(body)
+        result, cached = await engine.execute(prepared)
     return json_response(engine.response(result, cached, started))
 
 
@@ -210,22 +233,13 @@ async def retrieve_batch(
 ) -> Response:
     """Each query as in /v1/retrieve; answers in request order. Any bad query fails the call."""
     started = time.perf_counter()
-    if len(body.queries) > settings.max_batch_queries:
-        raise InvalidRequestError(
-            f"`queries` must hold at most {settings.max_batch_queries} queries; "
-            f"got {len(body.queries)}",
-            field="queries",
-        )
-    with limiter.admit(len(body.queries)):
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                prepared = [
-                    await engine.prepare(query, prefix=f"queries[{i}].")
-                    for i, query in enumerate(body.queries)
-                ]
-                answers = await engine.execute_many(prepared)
-        except TimeoutError as exc:
-            raise deadline_error(engine, settings.request_timeout_s) from exc
+    check_batch_size(len(body.queries), settings)
+    async with admitted(engine, limiter, settings, len(body.queries)):
+        prepared = [
+            await engine.prepare(query, prefix=f"queries[{i}].")
+            for i, query in enumerate(body.queries)
+        ]
+        answers = await engine.execute_many(prepared)
     results = [engine.response(result, cached, started) for result, cached in answers]
     took_ms = round((time.perf_counter() - started) * 1000, 3)
     return json_response({"results": results, "took_ms": took_ms})
