@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tower_configs import small_tower_config
 
 from retrieval import towers as towers_module
 from retrieval.bundle import BundleError, load_bundle, save_bundle
@@ -33,7 +34,6 @@ from retrieval.towers import (
     ONNX_OUTPUT_NAME,
     ModelConfig,
     Tower,
-    TowerConfig,
     TwoTowerModel,
     export_tower_onnx,
     onnxruntime_session,
@@ -61,21 +61,11 @@ QUERY_FEATURES = (
 
 
 def model_config(**changes: Any) -> ModelConfig:
-    def tower(features: tuple[FeatureInput, ...]) -> TowerConfig:
-        values: dict[str, Any] = dict(
-            features=features,
-            cross_layers=2,
-            rank=3,
-            num_experts=2,
-            mask_hidden=3,
-            mlp_hidden=(16, 8),
-            head_hidden=(8,),
-            output_dim=4,
-        )
-        values.update(changes)
-        return TowerConfig(**values)
-
-    return ModelConfig(query=tower(QUERY_FEATURES), item=tower(ITEM_FEATURES), seed=5)
+    return ModelConfig(
+        query=small_tower_config(QUERY_FEATURES, **changes),
+        item=small_tower_config(ITEM_FEATURES, **changes),
+        seed=5,
+    )
 
 
 def onnx_embed(session: Any, tower: Tower, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,12 +7,12 @@ import itertools
 import json
 import os
 import re
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tower_configs import small_tower_config
 
 from retrieval import towers as towers_module
 from retrieval.features import FeatureInput, FeatureKind
@@ -49,21 +49,6 @@ def table_weight(embedding: FeatureEmbedding, name: str) -> torch.Tensor:
     table = embedding.tables[name]
     assert isinstance(table, nn.Embedding)
     return table.weight
-
-
-def small_tower_config(features, **changes) -> TowerConfig:
-    values: dict[str, Any] = dict(
-        features=features,
-        cross_layers=2,
-        rank=3,
-        num_experts=2,
-        mask_hidden=3,
-        mlp_hidden=(16, 8),
-        head_hidden=(8,),
-        output_dim=4,
-    )
-    values.update(changes)
-    return TowerConfig(**values)
 
 
 def small_model_config(**changes) -> ModelConfig:
