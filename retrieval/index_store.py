@@ -20,8 +20,8 @@ Example:
     >>> version.version, version.num_items, version.dim, version.device
     ('v1', 3, 4, 'cpu')
     >>> scores, rows = version.search(np.array([[0, 1, 0.5, 0]], dtype=np.float32), k=4)
-    >>> rows.tolist(), version.ids_of(rows), scores[0, 3]
-    ([[1, 2, 0, -1]], [['b', 'c', 'a']], np.float32(-inf))
+    >>> rows.tolist(), version.ids_of(rows), float(scores[0, 3])
+    ([[1, 2, 0, -1]], [['b', 'c', 'a']], -inf)
 """
 
 from __future__ import annotations
