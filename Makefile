@@ -14,13 +14,16 @@ DEMO_DIR ?= artifacts/demo
 # made by `make lock`), then the project itself without dependencies. MovieLens-100K is read
 # from inside the recbole wheel, which is downloaded, not installed: recbole is never imported
 # and its own dependencies are never needed.
+# pip runs with -qq: errors only. A pip configuration whose extra index lacks a package
+# otherwise prints a warning per package, which reads like a failed install.
+PIPQ := --quiet --quiet
 $(VENV)/.installed: pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -r requirements/dev.lock
-	PYTHONWARNINGS=ignore $(PIP) install --quiet --no-deps -e .  # no setuptools banner about editable installs
-	$(PIP) download --quiet --no-deps --dest $(VENV)/share/two-tower-retrieval \
+	$(PIP) install $(PIPQ) --upgrade pip
+	$(PIP) install $(PIPQ) torch==$(TORCH_VERSION)
+	$(PIP) install $(PIPQ) -r requirements/dev.lock
+	PYTHONWARNINGS=ignore $(PIP) install $(PIPQ) --no-deps -e .  # no setuptools banner about editable installs
+	$(PIP) download $(PIPQ) --no-deps --dest $(VENV)/share/two-tower-retrieval \
 		recbole==$(RECBOLE_VERSION)
 	touch $@
 
@@ -72,11 +75,11 @@ FLOORS_VENV ?= .venv-floors
 test-floors: requirements/floors.lock
 	rm -rf $(FLOORS_VENV)
 	$(PYTHON) -m venv $(FLOORS_VENV)
-	$(FLOORS_VENV)/bin/pip install --quiet --upgrade pip
-	$(FLOORS_VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
-	$(FLOORS_VENV)/bin/pip install --quiet -r requirements/floors.lock
-	PYTHONWARNINGS=ignore $(FLOORS_VENV)/bin/pip install --quiet --no-deps -e .
-	$(FLOORS_VENV)/bin/pip download --quiet --no-deps \
+	$(FLOORS_VENV)/bin/pip install $(PIPQ) --upgrade pip
+	$(FLOORS_VENV)/bin/pip install $(PIPQ) torch==$(TORCH_VERSION)
+	$(FLOORS_VENV)/bin/pip install $(PIPQ) -r requirements/floors.lock
+	PYTHONWARNINGS=ignore $(FLOORS_VENV)/bin/pip install $(PIPQ) --no-deps -e .
+	$(FLOORS_VENV)/bin/pip download $(PIPQ) --no-deps \
 		--dest $(FLOORS_VENV)/share/two-tower-retrieval recbole==$(RECBOLE_VERSION)
 	$(FLOORS_VENV)/bin/pytest -q -p no:cacheprovider
 
