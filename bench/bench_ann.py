@@ -20,6 +20,8 @@ unavailable with the reason, not skipped silently):
 
     ivf-sq8               IVF{nlist},SQ8 (the index job's default above 200k items), searched
                           by FAISS and by `retrieval.ivf_scan.ListScanner` (two paths)
+    ivf-many-sq8          IVF{coarse_nlist},SQ8: more lists, flat coarse quantizer, searched
+                          by FAISS and by the list scanner (two paths)
     ivf-hnsw-sq8          IVF{coarse_nlist}_HNSW32,SQ8: more lists behind an HNSW coarse
                           quantizer, so each probe scans fewer items; FAISS and the scanner
                           (whose coarse step is exact over all centroids)
@@ -102,6 +104,7 @@ Setting = dict[str, int]
 
 GROUPS = (
     "ivf-sq8",
+    "ivf-many-sq8",
     "ivf-hnsw-sq8",
     "ivf-pq-fs-refine",
     "ivf-rabitq-fs-refine",
@@ -492,9 +495,14 @@ def scanner_path(name: str, group: str, index: faiss.Index, base: SearchPath) ->
     )
 
 
-def build_ivf_sq8(ctx: BuildContext) -> list[SearchPath]:
+def build_ivf_sq8(ctx: BuildContext, *, many_lists: bool = False) -> list[SearchPath]:
+    """IVF-SQ8 with a flat (exact) coarse quantizer, as the index job builds it: `nlist`
+    lists, or `coarse_nlist` with `many_lists` (fewer items scanned per probe, a costlier
+    k-means)."""
     num_items, dim = ctx.vectors.shape
-    factory = f"IVF{ctx.nlist},SQ8"
+    nlist = ctx.coarse_nlist if many_lists else ctx.nlist
+    group = "ivf-many-sq8" if many_lists else "ivf-sq8"
+    factory = f"IVF{nlist},SQ8"
     with measured() as figures:
         index, info = train_and_fill(factory, ctx.vectors, seed=ctx.seed)
     notes = []
@@ -503,17 +511,17 @@ def build_ivf_sq8(ctx: BuildContext) -> list[SearchPath]:
     build = {**figures, "train_seconds": info["train_seconds"], "add_seconds": info["add_seconds"]}
     build["engine"] = info["engine"]
     base = faiss_path(
-        "ivf-sq8/faiss",
-        "ivf-sq8",
+        f"{group}/faiss",
+        group,
         index,
         factory,
         knob="nprobe",
-        grid=ivf_grid(ctx.nlist),
+        grid=ivf_grid(nlist),
         build=build,
         work=ctx.work,
         notes=notes,
     )
-    return [base, scanner_path("ivf-sq8/scanner", "ivf-sq8", index, base)]
+    return [base, scanner_path(f"{group}/scanner", group, index, base)]
 
 
 def build_ivf_hnsw_sq8(ctx: BuildContext) -> list[SearchPath]:
@@ -834,6 +842,7 @@ def _rabitq_missing() -> str | None:
 
 CANDIDATES: dict[str, Candidate] = {
     "ivf-sq8": Candidate("numba", build_ivf_sq8),
+    "ivf-many-sq8": Candidate("numba", lambda ctx: build_ivf_sq8(ctx, many_lists=True)),
     "ivf-hnsw-sq8": Candidate("numba", build_ivf_hnsw_sq8),
     "ivf-pq-fs-refine": Candidate("faiss", build_ivf_pq_fs_refine),
     "ivf-rabitq-fs-refine": Candidate("faiss", build_ivf_rabitq_fs_refine, _rabitq_missing),
