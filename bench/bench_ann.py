@@ -79,7 +79,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_index import rss_mib
+from bench_index import embed_catalog_to_file, rss_mib
 from common import emit, machine
 
 from index.factory import (
@@ -207,27 +207,14 @@ def embed_with_model(
     Returns:
         (items [N, D], queries [Q, D], info): unit rows, float32, in memory.
     """
-    from index.build import (
-        EMBEDDINGS_FILE,
-        create_embedding_file,
-        embed_catalog_slice,
-        gate_query_embeddings,
-        open_catalog,
-    )
+    from index.build import EMBEDDINGS_FILE, gate_query_embeddings, open_catalog
     from retrieval.bundle import load_bundle
 
     bundle = load_bundle(model)
     catalog = open_catalog(data, bundle.encoder)
-    num_items, dim = catalog.num_items, bundle.model.output_dim
+    num_items = catalog.num_items
     path = work / EMBEDDINGS_FILE
-    create_embedding_file(path, num_items, dim)
-    out = np.load(path, mmap_mode="r+")
-    started = time.perf_counter()
-    embed_catalog_slice(
-        bundle, catalog, out, 0, num_items, batch_size=8192, device="cpu", progress=False
-    )
-    embed_seconds = time.perf_counter() - started
-    del out
+    embed_seconds = embed_catalog_to_file(bundle, catalog, path)
     items = np.load(path)  # into memory: every library below wants a plain array
     path.unlink()
     queries, source = gate_query_embeddings(bundle, data, max_queries, seed, "cpu")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tower_configs import small_tower_config
 
 from retrieval.cost import (
     model_cost,
@@ -86,19 +87,11 @@ QUERIES = (
 
 
 def model_config(**changes) -> ModelConfig:
-    common: dict[str, Any] = dict(
-        cross_layers=2,
-        rank=3,
-        num_experts=3,
-        mask_hidden=5,
-        mlp_hidden=(16, 8),
-        head_hidden=(8,),
-        output_dim=4,
-    )
+    common: dict[str, Any] = dict(num_experts=3, mask_hidden=5)
     common.update(changes)
     return ModelConfig(
-        query=TowerConfig(features=QUERIES, **common),
-        item=TowerConfig(features=ITEMS, **common),
+        query=small_tower_config(QUERIES, **common),
+        item=small_tower_config(ITEMS, **common),
     )
 
 
