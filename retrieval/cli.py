@@ -35,6 +35,7 @@ Register: TypeAlias = Callable[[Subparsers], None]
 DISTRIBUTION = "two-tower-retrieval"
 EXIT_FAILURE = 1  # the command ran and failed: missing file, bad data, unreachable Redis
 EXIT_USAGE = 2  # the command line itself is wrong (argparse's status for the same)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class CommandError(Exception):
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     func = getattr(args, "func", None)
     if func is None:

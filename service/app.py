@@ -270,7 +270,7 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
         workers=settings.batch_workers,
     )
     batcher.start()
-    metrics.queue_depth.set_function(lambda: batcher.queue_depth)
+    metrics.track_queue_depth(lambda: batcher.queue_depth)
     engine = RetrievalEngine(
         settings,
         model_version=bundle.version,
@@ -300,6 +300,8 @@ async def start_services(settings: ServiceSettings, metrics: ServiceMetrics) -> 
     services.tasks.append(
         loop.create_task(manager.watch_current(settings.index_poll_s), name="watch-current")
     )
+    if metrics.multiprocess_dir is not None:
+        services.tasks.append(loop.create_task(metrics.refresh_forever(), name="metrics"))
     if redis_url is not None:
         subscriber = make_client(
             redis_url,
@@ -336,8 +338,14 @@ async def stop_services(services: Services) -> None:
     logger.info("service stopped")
 
 
-async def load_services(app: FastAPI, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
-    """`start_services` as a background task: sets `app.state.services`, or `load_error`."""
+async def load_services(
+    app: FastAPI,
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    on_loaded: Callable[[], None] | None = None,
+) -> None:
+    """`start_services` as a background task: sets `app.state.services` (then calls
+    `on_loaded`), or `load_error`."""
     try:
         app.state.services = await start_services(settings, metrics)
     except asyncio.CancelledError:
@@ -345,16 +353,25 @@ async def load_services(app: FastAPI, settings: ServiceSettings, metrics: Servic
     except Exception as exc:
         logger.exception("the model and index could not be loaded; the service stops")
         app.state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    if on_loaded is not None:
+        on_loaded()
 
 
-def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -> FastAPI:
+def create_app(
+    settings: ServiceSettings,
+    *,
+    load_in_background: bool = False,
+    on_loaded: Callable[[], None] | None = None,
+) -> FastAPI:
     """The application; model and index load in its lifespan (see the module docstring).
 
     With `load_in_background` (what `retrieval serve` does) the lifespan returns at once
     and the loading runs as a task: the server listens during a cold start, ``/healthz``
     answers 200 and ``/readyz`` (and every /v1 route) 503 until the loading is done. A
     failed loading is logged and kept in ``app.state.load_error``; ``/healthz`` then
-    answers 503 and `service.server.ServiceServer` stops the process.
+    answers 503 and `service.server.ServiceServer` stops the process. `on_loaded` is called
+    once the model and index are loaded (a worker process tells its supervisor).
     """
     metrics = ServiceMetrics()
 
@@ -362,9 +379,11 @@ def create_app(settings: ServiceSettings, *, load_in_background: bool = False) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not load_in_background:
             app.state.services = await start_services(settings, metrics)
+            if on_loaded is not None:
+                on_loaded()
         loading = (
             asyncio.get_running_loop().create_task(
-                load_services(app, settings, metrics), name="load-services"
+                load_services(app, settings, metrics, on_loaded), name="load-services"
             )
             if load_in_background
             else None

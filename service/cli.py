@@ -4,6 +4,7 @@ Usage::
 
     retrieval serve --model artifacts/model --index artifacts/index --data data/ml-100k
     retrieval serve --model M --index R --redis-url redis://127.0.0.1:6379/0 --port 8000
+    retrieval serve --model M --index R --data D --workers 2      # 2 processes, one port
     RETRIEVAL_REDIS_URL_FILE=/run/secrets/redis_url retrieval serve --model M --index R
     RETRIEVAL_API_KEY=... retrieval serve --model M --index R --host 0.0.0.0
     retrieval features push --data data/ml-100k --redis-url redis://127.0.0.1:6379/0 --model M
@@ -45,6 +46,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "batch_workers": args.batch_workers,
+        "workers": args.workers,
         "torch_threads": args.torch_threads,
         "faiss_threads": args.faiss_threads,
     }
@@ -65,13 +67,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    import faiss
-    import torch
-
     from service.server import serve
 
-    torch.set_num_threads(settings.torch_threads)
-    faiss.omp_set_num_threads(settings.faiss_threads)
     logger.info(
         "serve: %s",
         settings.model_dump_json(exclude={"api_key"}),
@@ -147,6 +144,7 @@ def register_serve(subparsers: Any) -> None:
     parser.add_argument(
         "--batch-workers", type=int, help="micro-batches run at once, a thread each (default 2)"
     )
+    parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     parser.add_argument("--torch-threads", type=int, help="torch threads (default 1)")
     parser.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads (default 1)")
     parser.set_defaults(func=run_serve)

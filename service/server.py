@@ -80,9 +80,20 @@ def uvicorn_config(app: FastAPI, settings: ServiceSettings, **overrides: Any) ->
 
 
 def serve(settings: ServiceSettings) -> None:
-    """Build the app and run it until a signal stops it."""
+    """Build the app and run it until a signal stops it (with several `workers`, start
+    and supervise the worker processes instead: `service.workers`)."""
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        serve_workers(settings)
+        return
+    import faiss
+    import torch
+
     from service.app import create_app
 
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.faiss_threads)
     app = create_app(settings, load_in_background=True)
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
     server.run()

@@ -149,6 +149,21 @@ class ServiceSettings(BaseSettings):
         "on a 2-core VM whose FAISS search took 2.0 ms, 1M items, k=1000: 400 QPS at p99 19 ms with 2, "
         "saturated with 1, see bench/results/bench_service_1m.txt).",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (`service.workers`): each runs the "
+        "whole service (model, index, micro-batcher, `batch_workers` threads) and takes its "
+        "share of the connections; 1: this process serves alone. Limits such as "
+        "`max_in_flight` apply per process.",
+    )
+    index_mmap: bool | None = Field(
+        default=None,
+        description="Read index versions memory-mapped: an IVF index's lists stay in the "
+        "page cache, one copy for every process serving the version (versions are "
+        "immutable once published). Default: on with several `workers`, off with one.",
+    )
     torch_threads: int = Field(
         default=1,
         ge=1,
@@ -304,6 +319,11 @@ class ServiceSettings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("`api_key` must be at least 16 characters")
         return value
+
+    @property
+    def index_mmap_enabled(self) -> bool:
+        """`index_mmap`, its default resolved (on with several workers)."""
+        return self.workers > 1 if self.index_mmap is None else self.index_mmap
 
     @property
     def redis_url_value(self) -> str | None:

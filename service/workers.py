@@ -1,0 +1,298 @@
+"""`retrieval serve --workers N`: N server processes sharing one listening socket.
+
+Usage::
+
+    retrieval serve --model M --index R --data D --workers 2
+    RETRIEVAL_WORKERS=2 retrieval serve --model M --index R
+
+The `retrieval serve` process becomes a supervisor: it binds the socket, then starts N
+worker processes (multiprocessing's "spawn": a fresh interpreter each, nothing inherited by
+fork) that each run the whole service (app, model, index, micro-batcher and its
+`batch_workers` threads) under their own uvicorn `ServiceServer`, accepting connections
+from the shared socket: a new connection goes to whichever worker accepts it first, so an
+idle worker takes it before a busy one. Everything of one worker stays in it: its
+admission limit (`max_in_flight` is per worker), its embedded feature store, its code
+caches, its micro-batches. Redis, when configured, is shared.
+
+Memory: index versions are read memory-mapped (`ServiceSettings.index_mmap`, on by default
+with several workers), so an IVF index's lists are one copy in the page cache for every
+worker; the model, the code caches and the row -> id table are per worker.
+
+Metrics: the supervisor makes a private directory for prometheus_client's multi-process
+files and removes it at exit; /metrics, whichever worker answers it, reports every worker
+(`service.metrics`).
+
+Lifecycle:
+    * start-up: the first workers load in the background, as one process does (/healthz
+      answers during a cold start, /readyz 503 until that worker is loaded). If a worker
+      of that first start cannot load its model and index, the supervisor stops the others
+      and `serve` fails (exit status 1): every worker would meet the same error.
+    * a worker that exits later (killed, crashed) is replaced; the others keep serving, and
+      only requests in flight on that worker are lost (their connections close). A
+      replacement loads before it accepts a connection, so it takes no traffic while
+      loading. Replacements that keep exiting within `STABLE_S` are restarted after a
+      delay that doubles from 1 s up to `MAX_BACKOFF_S`.
+    * SIGTERM / SIGINT: the supervisor closes its copy of the socket and forwards the
+      signal to every worker, each stopping as `ServiceServer` does (readiness off, the
+      drain, in-flight requests finished); a second signal is forwarded too (stop at once).
+      Workers still running `shutdown_drain_s + graceful_timeout_s + STOP_MARGIN_S` after
+      the first signal are killed. A worker whose supervisor is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+from retrieval.cli import LOG_FORMAT, CommandError
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+LOAD_FAILED = 3  # a worker's exit status when its model or index could not be loaded
+STABLE_S = 30.0  # a worker alive this long resets the restart backoff
+MAX_BACKOFF_S = 30.0
+STOP_MARGIN_S = 10.0
+BACKLOG = 2048  # uvicorn's default
+_POLL_S = 0.1
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port) that worker processes can share.
+
+    Raises:
+        CommandError: the address cannot be bound (in use, not local, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_worker(
+    settings: ServiceSettings,
+    sock: socket.socket,
+    cold: bool,
+    loaded: Event,
+    supervisor_pid: int,
+    log_level: int,
+) -> None:
+    """One worker process (the target of a spawned process).
+
+    Args:
+        settings: the supervisor's settings.
+        sock: the shared listening socket.
+        cold: load in the background while answering (/healthz 200, /readyz 503), as at
+            the first start; False (a replacement): load first, then accept connections.
+        loaded: set once the model and index are loaded and the worker serves.
+        supervisor_pid: the worker stops (gracefully) when its parent is no longer this.
+        log_level: the supervisor's logging level.
+    """
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    import faiss
+    import torch
+
+    from service.app import create_app
+    from service.server import ServiceServer, uvicorn_config
+
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.faiss_threads)
+    app = create_app(settings, load_in_background=cold, on_loaded=loaded.set)
+    server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
+    threading.Thread(
+        target=_stop_when_orphaned, args=(supervisor_pid,), name="orphan-watch", daemon=True
+    ).start()
+    server.run(sockets=[sock])
+    if app.state.load_error is not None or not loaded.is_set():
+        sys.exit(LOAD_FAILED)
+
+
+def _stop_when_orphaned(supervisor_pid: int) -> None:
+    while os.getppid() == supervisor_pid:
+        time.sleep(1.0)
+    logger.warning("the supervisor (pid %d) is gone: stopping", supervisor_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class _Slot:
+    """One worker position: the process serving it now and its restart state."""
+
+    process: SpawnProcess
+    loaded: Event
+    started: float
+    backoff_s: float = 0.0
+    restart_at: float | None = None  # set while the slot waits to restart its worker
+
+
+class Supervisor:
+    """Starts, watches, replaces and stops the workers (see the module docstring).
+
+    Args:
+        settings: the service settings (`workers` > 1).
+    """
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        if settings.workers < 2:
+            raise ValueError(f"`workers` must be >= 2 for a supervisor; got {settings.workers}")
+        self.settings = settings
+        self.slots: list[_Slot] = []
+        self.ever_loaded = False
+        self._signals: list[int] = []
+        self._sock: socket.socket | None = None
+        self._stop_deadline: float | None = None
+
+    def run(self) -> None:
+        """Serve until a signal stops every worker.
+
+        Raises:
+            CommandError: the socket cannot be bound, or the first workers could not load.
+        """
+        self._sock = bind_socket(self.settings.host, self.settings.port)
+        metrics_dir = tempfile.mkdtemp(prefix="retrieval-metrics-")
+        # prometheus_client reads this when a worker imports it (`service.metrics`)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            logger.info(
+                "supervisor %d: %d workers on %s:%d",
+                os.getpid(),
+                self.settings.workers,
+                self.settings.host,
+                self.settings.port,
+            )
+            self.slots = [self._start(cold=True) for _ in range(self.settings.workers)]
+            failure = self._watch(metrics_dir)
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._sock is not None:
+                self._sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if failure is not None:
+            raise CommandError(failure)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._signals.append(sig)
+
+    def _start(self, *, cold: bool, slot: _Slot | None = None) -> _Slot:
+        assert self._sock is not None
+        loaded = _spawn.Event()
+        process = _spawn.Process(
+            target=run_worker,
+            args=(self.settings, self._sock, cold, loaded, os.getpid(), logging.root.level),
+            name="retrieval-worker",
+            daemon=False,
+        )
+        process.start()
+        logger.info("worker %d started (%s)", process.pid, "cold start" if cold else "replacement")
+        if slot is None:
+            return _Slot(process, loaded, time.monotonic())
+        slot.process, slot.loaded, slot.started, slot.restart_at = (
+            process,
+            loaded,
+            time.monotonic(),
+            None,
+        )
+        return slot
+
+    def _watch(self, metrics_dir: str) -> str | None:
+        """The supervision loop; the reason to fail, or None after a signalled stop."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        while True:
+            self._forward_signals()
+            if self._stop_deadline is not None:
+                return None
+            for slot in self.slots:
+                if slot.loaded.is_set():
+                    self.ever_loaded = True
+                if slot.restart_at is not None:
+                    if time.monotonic() >= slot.restart_at:
+                        self._start(cold=False, slot=slot)
+                    continue
+                code = slot.process.exitcode
+                if code is None:
+                    continue
+                mark_process_dead(slot.process.pid, metrics_dir)
+                if code == LOAD_FAILED and not self.ever_loaded:
+                    return (
+                        f"worker {slot.process.pid} could not load the model and index "
+                        "(its log above says why); stopping the others"
+                    )
+                lived = time.monotonic() - slot.started
+                slot.backoff_s = (
+                    0.0 if lived >= STABLE_S else min(max(2 * slot.backoff_s, 1.0), MAX_BACKOFF_S)
+                )
+                logger.error(
+                    "worker %d exited with status %s after %.1fs%s; replacing it in %.1fs",
+                    slot.process.pid,
+                    code,
+                    lived,
+                    " (it could not load the model and index)" if code == LOAD_FAILED else "",
+                    slot.backoff_s,
+                )
+                slot.restart_at = time.monotonic() + slot.backoff_s
+            time.sleep(_POLL_S)
+
+    def _forward_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if self._stop_deadline is None:
+                s = self.settings
+                self._stop_deadline = (
+                    time.monotonic() + s.shutdown_drain_s + s.graceful_timeout_s + STOP_MARGIN_S
+                )
+                if self._sock is not None:  # the workers' copies close as they stop
+                    self._sock.close()
+                    self._sock = None
+                logger.info("signal %s: stopping %d workers", sig, len(self.slots))
+            for slot in self.slots:
+                if slot.process.exitcode is None and slot.process.pid is not None:
+                    os.kill(slot.process.pid, sig)
+
+    def _stop_all(self) -> None:
+        """Wait for the signalled workers (killing them past the deadline); without a
+        signal (a failed start), stop them at once."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_MARGIN_S
+            for slot in self.slots:
+                if slot.process.exitcode is None:
+                    slot.process.terminate()
+        for slot in self.slots:
+            while slot.process.exitcode is None and time.monotonic() < self._stop_deadline:
+                self._forward_signals()  # a second signal still reaches the workers
+                slot.process.join(_POLL_S)
+            if slot.process.exitcode is None:
+                logger.error("worker %d did not stop in time: killed", slot.process.pid)
+                slot.process.kill()
+                slot.process.join()
+
+
+def serve_workers(settings: ServiceSettings) -> None:
+    """`retrieval serve` with `settings.workers` > 1 (see the module docstring)."""
+    Supervisor(settings).run()
