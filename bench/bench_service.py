@@ -5,6 +5,7 @@ Usage::
     python bench/bench_service.py --items 1000000 --workdir /tmp/bench-service --out service.json
     python bench/bench_service.py --items 100000 --duration 5           # a smaller catalog
     python bench/bench_service.py --model M --index R --data D          # existing artifacts
+    python bench/bench_service.py --workers 2 --no-sweep --rate 300,400 # fixed rates, 2 processes
 
 What it does, top to bottom:
 
@@ -16,22 +17,34 @@ What it does, top to bottom:
    (``retrieval build-index``, default factory for the size, recall gate included);
 2. queries: inline query bodies (each user's stored features and last-N history, exactly
    what the feature store holds) for a fixed sample of users, ``k = --k`` (1000);
-3. the service (``retrieval serve``, a uvicorn subprocess on 127.0.0.1) and the lean
-   asyncio load generator of ``bench/loadgen.py`` in this process, on the same machine: closed loop at each
-   ``--concurrency`` level, then open loop at each ``--rate`` (requests are timed from
-   their scheduled send time, so queueing counts); p50/p95/p99/mean latency, QPS, errors,
-   the mean micro-batch size the server saw (from /metrics) and the server's CPU time per
-   request (from /proc);
-4. correctness beside the speed: the service's ids for a sample of queries compared with
+3. with ``--sweep`` (the default), a first estimate of capacity before the server starts:
+   the batch-1 in-process floor over 100 queries (step 6's code path; the retriever is
+   freed before the server loads its own);
+4. the service (``retrieval serve``, a uvicorn subprocess on 127.0.0.1, ``--workers``
+   processes) and the lean asyncio load generator of ``bench/loadgen.py`` in this process,
+   on the same machine: closed loop at each ``--concurrency`` level, open loop at each
+   ``--rate``, then the sweep: open loop at 0.4, 0.5, ... 1.0 of the estimated capacity
+   (going no higher after a level whose p99 is over twice ``--target-p99-ms`` or whose
+   p50 is over 1 s) and once more halfway between the highest rate that met the target
+   and the lowest one above it that did not. Open-loop requests are timed from their
+   scheduled send time, so queueing counts; a level meets the target when its p99 is
+   within it and no request failed. Each level reports p50/p95/p99/mean latency, QPS,
+   errors, the mean micro-batch size the server saw (from /metrics, all workers) and the
+   server's CPU time per request (from /proc: the ``retrieval serve`` process and all its
+   descendants);
+5. correctness beside the speed: the service's ids for a sample of queries compared with
    the same queries run in process (identical lists expected), and the index's recall@k
    against exact search recorded by the build;
-5. the in-process floor, server stopped: the same queries through the same code path
+6. the in-process floor, server stopped: the same queries through the same code path
    without HTTP (`Retriever.run_batch`: encode, query tower, one FAISS search, ids) at
    batch size 1 and at the batch sizes the server formed; the ratio of the HTTP mean
-   latency at concurrency 1 to the batch-1 floor.
+   latency at concurrency 1 to the batch-1 floor, and capacity: ``os.cpu_count()``
+   divided by the batch-1 floor's mean seconds per query (the rate the machine's cores
+   could answer with no HTTP, batching or load generator).
 
 Targets (2 cores, server and load generator on the same box): k=1000 over 1M items,
-p99 <= 25 ms at >= 400 QPS; mean latency at concurrency 1 <= 2x the in-process floor.
+p99 <= 25 ms at an offered load >= 60 % of capacity_qps; mean latency at concurrency 1
+<= 1.3x the batch-1 in-process floor.
 Prints a table (stderr) and JSON (stdout, and ``--out``).
 """
 
@@ -39,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -58,6 +72,10 @@ from common import emit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 600.0
+SWEEP_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the estimated capacity
+PRE_ESTIMATE_QUERIES = 100  # batch-1 queries of the capacity estimate before the server starts
+TARGET_RATE_OVER_CAPACITY = 0.6  # p99 within --target-p99-ms at >= this share of capacity
+TARGET_C1_OVER_FLOOR = 1.3  # mean latency at concurrency 1 / batch-1 in-process floor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,13 +90,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=1000, help="distinct query bodies")
     parser.add_argument("--concurrency", default="1,4,8,16", help="closed-loop levels")
-    parser.add_argument("--rate", default="400", help="open-loop request rates (req/s); '' = none")
+    parser.add_argument(
+        "--rate", default="", help="open-loop request rates (req/s) besides the sweep; '' = none"
+    )
+    parser.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="find the highest open-loop rate whose p99 meets --target-p99-ms",
+    )
+    parser.add_argument("--target-p99-ms", type=float, default=25.0, help="the sweep's target")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each level")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="server torch and FAISS threads")
     parser.add_argument("--batch-workers", type=int, default=2, help="server batch workers")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (uvicorn workers)")
     parser.add_argument(
         "--list-scanner",
         action=argparse.BooleanOptionalAction,
@@ -189,6 +217,8 @@ def start_server(
         "--torch-threads", str(args.threads), "--faiss-threads", str(args.threads),
         "--batch-workers", str(args.batch_workers),
     ]  # fmt: skip
+    if args.workers != 1:  # one process needs no flag (and `serve` without it starts one)
+        command += ["--workers", str(args.workers)]
     env = {
         **os.environ,
         "RETRIEVAL_MAX_IN_FLIGHT": "4096",
@@ -253,15 +283,48 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of process `pid`, from each of its threads' /proc children list
+    (empty when `pid` has exited)."""
+    children: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return children
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # the thread has exited
+            continue
+    return children
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and all its descendants so far (a server's supervisor
+    and its workers). A descendant that exits between the reads is skipped, so the CPU of
+    one that exits during a measurement is missing from the difference."""
+    total = process_cpu_seconds(pid)
+    pending = child_pids(pid)
+    while pending:
+        child = pending.pop()
+        try:
+            total += process_cpu_seconds(child)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pending += child_pids(child)
+    return total
+
+
 def run_load(
     url: str, bodies: list[bytes], server_pid: int, run: Any, **kwargs: Any
 ) -> dict[str, Any]:
     """One load level through `loadgen` (`run` is its closed_loop or open_loop), with the
-    server's mean batch size and CPU time per answered request over the whole level."""
+    server's mean batch size and CPU time (all its processes) per answered request over the
+    whole level."""
     host, port = url.removeprefix("http://").split(":")
-    before, cpu_before = batch_counters(url), process_cpu_seconds(server_pid)
+    before, cpu_before = batch_counters(url), process_tree_cpu_seconds(server_pid)
     outcome = asyncio.run(run(host, int(port), "/v1/retrieve", bodies, **kwargs))
-    cpu = process_cpu_seconds(server_pid) - cpu_before
+    cpu = process_tree_cpu_seconds(server_pid) - cpu_before
     after = batch_counters(url)
     stats = outcome.summary()
     batches = after[1] - before[1]
@@ -353,6 +416,110 @@ def floor_at(retriever: Any, jobs: list[Any], batch_size: int, repeats: int) -> 
     }
 
 
+def warm_code_caches(retriever: Any, jobs: list[Any]) -> None:
+    """Every query once, in batches of 64, so the row encoder's code caches hold what a
+    serving process's hold once it has answered them."""
+    for start in range(0, len(jobs), 64):
+        retriever.run_batch(jobs[start : start + 64])
+
+
+def pre_estimate_floor(
+    args: argparse.Namespace, model: Path, index: Path, queries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The batch-1 floor over `PRE_ESTIMATE_QUERIES` queries, measured before the server
+    starts to place the sweep; the retriever (model and index) is freed before returning."""
+    retriever, jobs = in_process(model, index, queries, args.k, args.threads, args.list_scanner)
+    warm_code_caches(retriever, jobs)
+    floor = floor_at(retriever, jobs, 1, PRE_ESTIMATE_QUERIES)
+    del retriever, jobs
+    gc.collect()
+    return floor
+
+
+# --------------------------------------------------------------------------- capacity and target
+
+
+def capacity_qps(cpu_count: int, floor_mean_ms: float) -> float:
+    """Queries per second `cpu_count` cores answer when each query costs the batch-1
+    in-process floor's mean time (no HTTP, no batching, no load generator)."""
+    return round(cpu_count / (floor_mean_ms / 1000), 1)
+
+
+def sweep_rates(capacity: float) -> list[float]:
+    """The sweep's offered rates: `SWEEP_FRACTIONS` of `capacity`, whole req/s, ascending."""
+    return sorted({float(max(1, round(f * capacity))) for f in SWEEP_FRACTIONS})
+
+
+def meets_target(stats: dict[str, Any], target_p99_ms: float) -> bool:
+    """Whether a load level met the latency target: answers, none failed or dropped, and
+    p99 within `target_p99_ms`."""
+    return (
+        bool(stats.get("requests"))
+        and not stats.get("errors")
+        and not stats.get("dropped")
+        and stats["p99_ms"] <= target_p99_ms
+    )
+
+
+def far_over_target(stats: dict[str, Any], target_p99_ms: float) -> bool:
+    """Whether a level is so far from the target that higher rates are not worth trying:
+    no answers, p99 over twice the target, or p50 over a second."""
+    return (
+        not stats.get("requests") or stats["p99_ms"] > 2 * target_p99_ms or stats["p50_ms"] > 1000
+    )
+
+
+def bisect_rate(levels: list[dict[str, Any]], target_p99_ms: float) -> float | None:
+    """The whole rate halfway between the highest level that met the target (0 when none
+    did) and the lowest one above it that did not; None when no level above it failed or
+    no whole rate lies strictly between the two."""
+    best = max((s["offered_qps"] for s in levels if meets_target(s, target_p99_ms)), default=0.0)
+    failing = [
+        s["offered_qps"]
+        for s in levels
+        if s["offered_qps"] > best and not meets_target(s, target_p99_ms)
+    ]
+    if not failing:
+        return None
+    rate = float(round((best + min(failing)) / 2))
+    return rate if best < rate < min(failing) else None
+
+
+def best_within_target(levels: list[dict[str, Any]], target_p99_ms: float) -> dict[str, Any] | None:
+    """The highest offered open-loop level that met the target, or None."""
+    passing = [s for s in levels if meets_target(s, target_p99_ms)]
+    if not passing:
+        return None
+    best = max(passing, key=lambda s: s["offered_qps"])
+    return {key: best[key] for key in ("offered_qps", "qps", "p50_ms", "p99_ms", "mean_ms")}
+
+
+def run_sweep(
+    url: str, bodies: list[bytes], server_pid: int, args: argparse.Namespace, capacity: float
+) -> list[dict[str, Any]]:
+    """Open-loop levels at `sweep_rates(capacity)`, going no higher after one far over the
+    target, then one level at `bisect_rate` of those."""
+    levels: list[dict[str, Any]] = []
+
+    def measure(rate: float) -> dict[str, Any]:
+        stats = run_load(
+            url, bodies, server_pid, loadgen.open_loop,
+            rate=rate, duration_s=args.duration, warmup_s=args.warmup,
+        )  # fmt: skip
+        stats.update(offered_qps=rate, sweep=True)
+        levels.append(stats)
+        log(f"sweep {rate:.0f}/s: {stats}")
+        return stats
+
+    for rate in sweep_rates(capacity):
+        if far_over_target(measure(rate), args.target_p99_ms):
+            break
+    middle = bisect_rate(levels, args.target_p99_ms)
+    if middle is not None:
+        measure(middle)
+    return levels
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -366,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"artifacts: data {data}, model {model}, index {index} ({manifest['index']['factory']})")
     queries = sample_queries(data, model, args.queries, args.seed)
     bodies = [json.dumps({"query": q, "k": args.k}).encode() for q in queries]
+    cpu_count = os.cpu_count() or 1
+    pre_floor, pre_capacity = None, None
+    if args.sweep:
+        log("in-process floor estimate (before the server starts)")
+        pre_floor = pre_estimate_floor(args, model, index, queries)
+        pre_capacity = capacity_qps(cpu_count, pre_floor["mean_ms"])
+        log(f"batch-1 floor {pre_floor['mean_ms']} ms: capacity estimate {pre_capacity} q/s")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -396,9 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                 url, bodies, server.pid, loadgen.open_loop,
                 rate=rate, duration_s=args.duration, warmup_s=args.warmup,
             )  # fmt: skip
-            stats["offered_qps"] = rate
+            stats.update(offered_qps=rate, sweep=False)
             results["open_loop"].append(stats)
             log(f"open loop {rate}/s: {stats}")
+        if pre_capacity is not None:
+            results["open_loop"] += run_sweep(url, bodies, server.pid, args, pre_capacity)
     finally:
         stop_server(server)
 
@@ -407,8 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     # one query per batch, as the server ran them at concurrency 1 (FAISS sums in a different
     # order for larger batches, which may swap near-ties)
     local = [retriever.run_batch([job])[0].ids for job in jobs[: len(check_queries)]]
-    for start in range(0, len(jobs), 64):  # warm the code caches, as the server's were
-        retriever.run_batch(jobs[start : start + 64])
+    warm_code_caches(retriever, jobs)
     identical = sum(a == b for a, b in zip(served, local, strict=True)) / len(local)
     overlap = float(
         np.mean([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(served, local, strict=True)])
@@ -425,6 +600,16 @@ def main(argv: list[str] | None = None) -> int:
     floor_1 = floors[0]["mean_ms"]
     c1 = next((s for s in results["closed_loop"] if s["concurrency"] == 1), None)
     ratio = round(c1["mean_ms"] / floor_1, 2) if c1 and "mean_ms" in c1 else None
+    capacity = capacity_qps(cpu_count, floor_1)
+    best = best_within_target(results["open_loop"], args.target_p99_ms)
+    best_over_capacity = round(best["offered_qps"] / capacity, 3) if best else None
+    # a target is None when it was not measured (no open-loop level, no concurrency-1 level)
+    rate_target_met = None
+    if any(not s.get("skipped") for s in results["open_loop"]):
+        rate_target_met = bool(
+            best_over_capacity and best_over_capacity >= TARGET_RATE_OVER_CAPACITY
+        )
+    c1_target_met = ratio <= TARGET_C1_OVER_FLOOR if ratio is not None else None
 
     report = {
         "machine": machine(),
@@ -442,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_wait_ms": args.max_wait_ms,
             "threads": args.threads,
             "batch_workers": args.batch_workers,
+            "workers": args.workers,
             "fast_path": args.fast_path,
             "search_path": results.get("search_path"),
             "start_s": results.get("server_start_s"),
@@ -455,7 +641,18 @@ def main(argv: list[str] | None = None) -> int:
         "closed_loop": results["closed_loop"],
         "open_loop": results["open_loop"],
         "in_process_floor": floors,
+        "in_process_floor_pre_estimate": pre_floor,
+        "cpu_count": cpu_count,
+        "capacity_qps": capacity,
+        "capacity_qps_pre_estimate": pre_capacity,
+        "target_p99_ms": args.target_p99_ms,
+        "best_rate_within_target": best,
+        "best_rate_over_capacity": best_over_capacity,
         "c1_mean_over_floor": ratio,
+        "targets": {
+            "p99_at_60pct_capacity": rate_target_met,
+            "c1_mean_within_1.3x_floor": c1_target_met,
+        },
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -472,7 +669,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"correctness: {report['correctness']['identical_to_in_process']:.2f} of "
         f"{report['correctness']['queries']} answers identical to in-process "
         f"(mean overlap {report['correctness']['mean_overlap']})",
-        f"server: {report['server']['batch_workers']} batch worker(s), "
+        f"server: {report['server'].get('workers', 1)} process(es), "
+        f"{report['server']['batch_workers']} batch worker(s), "
         f"{report['server']['threads']} torch/FAISS thread(s) each, search path "
         f"{report['server']['search_path']}, fast path "
         f"{'on' if report['server'].get('fast_path', True) else 'off'}",
@@ -481,7 +679,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'err':>5} {'cpu ms/req':>10}",
     ]
     rows = [(f"c={s['concurrency']}", s) for s in report["closed_loop"]] + [
-        (f"{s['offered_qps']:.0f}/s open", s) for s in report["open_loop"]
+        (f"{s['offered_qps']:.0f}/s {'sweep' if s.get('sweep') else 'open'}", s)
+        for s in report["open_loop"]
     ]
     for name, s in rows:
         if s.get("skipped"):
@@ -502,8 +701,38 @@ def format_table(report: dict[str, Any]) -> str:
             f"batch {f['batch_size']:<12} {f['mean_ms']:>8.3f} {f['p99_ms']:>8.3f} "
             f"{f['queries_per_s']:>9.1f}  {stages}"
         )
-    lines.append(f"\nmean latency at c=1 / batch-1 floor: {report['c1_mean_over_floor']}")
+    lines += ["", *capacity_lines(report)]
     return "\n".join(lines)
+
+
+def capacity_lines(report: dict[str, Any]) -> list[str]:
+    """Capacity, the highest rate within the latency target and the targets, for the table."""
+    target = report["target_p99_ms"]
+    floor_1 = report["in_process_floor"][0]["mean_ms"]
+    pre = report["capacity_qps_pre_estimate"]
+    lines = [
+        f"capacity: {report['cpu_count']} cpus / batch-1 floor {floor_1:.3f} ms = "
+        f"{report['capacity_qps']:.1f} q/s"
+        + (f" (estimate before the server started: {pre:.1f} q/s)" if pre is not None else "")
+    ]
+    best = report["best_rate_within_target"]
+    if best:
+        lines.append(
+            f"highest open-loop rate with p99 <= {target:g} ms: {best['offered_qps']:.0f}/s = "
+            f"{report['best_rate_over_capacity']:.2f}x capacity (p99 {best['p99_ms']}, "
+            f"p50 {best['p50_ms']}, mean {best['mean_ms']} ms; {best['qps']} q/s answered)"
+        )
+    else:
+        lines.append(f"highest open-loop rate with p99 <= {target:g} ms: none")
+    lines.append(f"mean latency at c=1 / batch-1 floor: {report['c1_mean_over_floor']}")
+    verdict = {True: "met", False: "missed", None: "not measured"}
+    targets = report["targets"]
+    lines.append(
+        f"targets: p99 <= {target:g} ms at >= {TARGET_RATE_OVER_CAPACITY:.0%} of capacity "
+        f"{verdict[targets['p99_at_60pct_capacity']]}; mean at c=1 <= "
+        f"{TARGET_C1_OVER_FLOOR}x floor {verdict[targets['c1_mean_within_1.3x_floor']]}"
+    )
+    return lines
 
 
 if __name__ == "__main__":

@@ -534,13 +534,26 @@ def check_row_labels(index: faiss.Index, where: Path | str) -> None:
         seen = faiss.downcast_index(inner) if inner is not None else None
 
 
-def read_index_file(path: Path, num_items: int, dim: int) -> faiss.Index:
+def read_index_file(path: Path, num_items: int, dim: int, *, mmap: bool = False) -> faiss.Index:
     """Read one index file and check it against the manifest (count, dim, metric) and
-    its labels (`check_row_labels`)."""
+    its labels (`check_row_labels`).
+
+    With `mmap`, the inverted lists of an IVF index (also behind a pre-transform or a
+    refine stage) are not read but mapped read-only from the file
+    (``faiss.IO_FLAG_MMAP``, giving `faiss.OnDiskInvertedLists`): their codes and ids stay
+    in the page cache, one copy shared by every process that serves the same version,
+    loaded as searches touch them. This is safe because version files are immutable:
+    written once, then published by an atomic rename, never rewritten in place (a deleted
+    version stays readable to processes that still map it). The rest of the index (the
+    coarse quantizer, a refine stage's vectors) and indexes without such lists (Flat,
+    HNSW, fast-scan IVF) FAISS reads into memory as it does without `mmap`.
+    """
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
     except RuntimeError as exc:
         raise IndexStoreError(f"{path}: not a readable FAISS index ({exc})") from exc
+    if mmap:
+        _stop_list_prefetch(index)
     if index.ntotal != num_items or index.d != dim:
         raise IndexStoreError(
             f"{path}: holds {index.ntotal} vectors of dim {index.d}; the manifest says "
@@ -550,6 +563,20 @@ def read_index_file(path: Path, num_items: int, dim: int) -> faiss.Index:
         raise IndexStoreError(f"{path}: metric must be inner product")
     check_row_labels(index, path)
     return index
+
+
+def _stop_list_prefetch(index: faiss.Index) -> None:
+    """Turn off the prefetch threads of mapped inverted lists: by default each FAISS search
+    joins the previous search's prefetch threads (under one lock shared by all searches)
+    and starts up to 32 new ones to touch the probed lists' pages ahead of the scan. The
+    service searches from threads of its own, and pages in the page cache need no prefetch."""
+    try:
+        ivf: Any = faiss.extract_index_ivf(index)
+    except RuntimeError:  # no IVF inside: nothing was mapped
+        return
+    invlists: Any = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(invlists, faiss.OnDiskInvertedLists):
+        invlists.prefetch_nthread = 0
 
 
 # --------------------------------------------------------------------------- writing one version

@@ -250,7 +250,9 @@ class IndexVersion:
     def use_list_scanner(self) -> bool:
         """Search on the CPU with `ListScanner` from now on, when the index is a single
         inner-product IVF-SQ8 (same answers as FAISS, 20-37 % less time at k = 1000);
-        returns whether it applies. Its copy of the codes costs N x (D + 8) bytes.
+        returns whether it applies. It keeps the ids (N x 8 bytes) and, unless the version
+        was loaded with ``mmap=True``, a copy of the codes (N x D bytes more); with
+        ``mmap=True`` it reads the codes from the mapped index file, no copy.
         A version already searching on a GPU keeps its GPU searcher (returns False)."""
         if isinstance(self.searcher, FaissCpuSearcher):
             scanner = ListScanSearcher.from_index(self.index)
@@ -322,7 +324,7 @@ class IndexVersion:
 
 
 def load_index_version(
-    root: str | Path, version: str | None = None, *, verify: bool = True
+    root: str | Path, version: str | None = None, *, verify: bool = True, mmap: bool = False
 ) -> IndexVersion:
     """Load version `version` of the index root `root` (default: the one CURRENT names).
 
@@ -333,6 +335,13 @@ def load_index_version(
     (`check_item_ids`); labels that are row positions (`check_row_labels`, no id map); a
     probe search finding rows in [0, N) with finite scores (`probe_search`).
 
+    With `mmap`, the inverted lists of IVF index files are memory-mapped read-only
+    instead of read (`retrieval.index_format.read_index_file`): they stay in the page
+    cache, one copy shared by every process serving the same version, and
+    `IndexVersion.use_list_scanner` scans them in place. This is safe because version
+    files are immutable (written once, published atomically). Other index kinds (Flat,
+    HNSW) are read into memory either way.
+
     Raises:
         FileNotFoundError: no CURRENT (when `version` is None) or no such version.
         IndexStoreError: unsafe name or path, bad or malformed manifest (a missing key or
@@ -341,7 +350,7 @@ def load_index_version(
         ChecksumMismatchError: a file was modified.
     """
     try:
-        return _load_index_version(root, version, verify=verify)
+        return _load_index_version(root, version, verify=verify, mmap=mmap)
     except (KeyError, TypeError, AttributeError) as exc:
         where = version if version is not None else CURRENT_FILE
         raise IndexStoreError(
@@ -350,7 +359,9 @@ def load_index_version(
         ) from exc
 
 
-def _load_index_version(root: str | Path, version: str | None, *, verify: bool) -> IndexVersion:
+def _load_index_version(
+    root: str | Path, version: str | None, *, verify: bool, mmap: bool
+) -> IndexVersion:
     """`load_index_version` without the translation of malformed-manifest errors."""
     name = read_current(root) if version is None else check_version_name(version)
     path = version_path(root, name)
@@ -369,7 +380,9 @@ def _load_index_version(root: str | Path, version: str | None, *, verify: bool) 
     num_items = int(manifest["catalog"]["num_items"])
     dim = int(manifest["index"]["dim"])
     entries = index_files(manifest, path)
-    parts = [read_index_file(safe_member(path, e.file), e.num_items, dim) for e in entries]
+    parts = [
+        read_index_file(safe_member(path, e.file), e.num_items, dim, mmap=mmap) for e in entries
+    ]
     sharded = manifest["index"].get("layout", LAYOUT_SINGLE) == LAYOUT_SHARDS
     index = assemble_shards(parts) if sharded else parts[0]
     item_ids = read_item_ids(ids_file, num_items)
@@ -377,8 +390,9 @@ def _load_index_version(root: str | Path, version: str | None, *, verify: bool) 
     apply_search_params(index, params)
     probe_search(index, num_items, path)
     logger.info(
-        "index version %s loaded: %d items, dim %d, %s%s %s in %.2fs",
+        "index version %s loaded%s: %d items, dim %d, %s%s %s in %.2fs",
         name,
+        " (memory-mapped)" if mmap else "",
         num_items,
         dim,
         manifest["index"]["factory"],

@@ -26,10 +26,21 @@ the bytes read but were slower (6.3 against 4.5 ms), so they are not used.
 
 The two kernels are compiled on first use, about 1.5 s once per process (the service's
 warm-up search pays it before it reports ready); nothing is cached on disk, so a read-only
-container runs them. The scanner keeps its own copy of the codes (N x D bytes, plus 8 bytes of label per
-item: 72 MB at 1M items of D=64). Unsupported indexes (anything but a single IVF with
-SQ8 codes and inner product) get None from `ListScanner.from_index`; callers keep using
-FAISS for them.
+container runs them.
+
+Memory: the kernel reads the codes from one flat uint8 buffer, list l's codes starting at
+byte ``starts[l]``. For an index read into memory (`faiss.ArrayInvertedLists`) the scanner
+copies every list into a private buffer of its own, contiguous by list (N x D bytes: 64 MB
+at 1M items of D=64). For an index read with ``faiss.IO_FLAG_MMAP``
+(`retrieval.index_format.read_index_file` with ``mmap=True``; read-only
+`faiss.OnDiskInvertedLists`) the buffer is a read-only numpy view of FAISS's mapping of the
+index file, each list at the offset FAISS records for it: no copy, the codes stay in the
+page cache, shared by every process that maps the same file (`codes_mapped`). Either way
+the scanner keeps its own ids (8 bytes per item, so that a result row maps to its label
+without touching the lists) and the coarse centroids (L x D floats); `nbytes` counts only
+this private memory. Unsupported indexes (anything but a single IVF with SQ8 codes and
+inner product, in memory or mapped read-only) get None from `ListScanner.from_index`;
+callers keep using FAISS for them.
 """
 
 from __future__ import annotations
@@ -46,11 +57,13 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+_PAGE_BYTES = 4096
 
 
 @numba.njit(nogil=True, fastmath=True)
 def _scan_lists(
     codes: Any,
+    starts: Any,
     offsets: Any,
     probe: Any,
     bases: Any,
@@ -60,21 +73,25 @@ def _scan_lists(
     heap_rows: Any,
     buffer: Any,
 ) -> int:
-    """Top-k (min-heap) of ``bases[p] + weights . codes[row]`` over the probed lists.
+    """Top-k (min-heap) of ``bases[p] + weights . code`` over the probed lists' codes.
 
+    List l holds ``offsets[l + 1] - offsets[l]`` codes of D bytes, one after the other in
+    the flat uint8 `codes` from byte ``starts[l]``; its code r is heap row ``offsets[l] + r``.
     Returns how many heap slots are filled (< k when the lists hold fewer items).
     """
-    dim = codes.shape[1]
+    dim = weights.shape[0]
     filled = 0
     threshold = -np.inf
     for p in range(probe.shape[0]):
         first = offsets[probe[p]]
         count = offsets[probe[p] + 1] - first
+        start = starts[probe[p]]
+        block = codes[start : start + count * dim].reshape((count, dim))  # (n, D) view
         base = bases[p]
         for r in range(count):  # the vectorised part: one dot product per code
             acc = np.float32(0.0)
             for j in range(dim):
-                acc += np.float32(codes[first + r, j]) * weights[j]
+                acc += np.float32(block[r, j]) * weights[j]
             buffer[r] = acc + base
         for r in range(count):
             score = buffer[r]
@@ -129,25 +146,47 @@ class ListScanner:
     Build it with `ListScanner.from_index`; `search` reads the index's current
     ``nprobe`` on every call, so search parameters set on the index apply here too.
     Safe to call from several threads at once (the scan releases the GIL).
+
+    Args:
+        index: the index searched (kept referenced: a mapped index's file mapping, which
+            `codes` views, lives as long as the index does).
+        ivf: `index` downcast to its `faiss.IndexIVFScalarQuantizer`.
     """
 
-    def __init__(self, ivf: Any) -> None:
+    def __init__(self, index: faiss.Index, ivf: Any) -> None:
+        self._index = index
         self._ivf = ivf
         dim, nlist = int(ivf.d), int(ivf.nlist)
-        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        invlists: Any = faiss.downcast_InvertedLists(ivf.invlists)
         sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
-        offsets = np.zeros(nlist + 1, dtype=np.int64)
+        offsets = np.zeros(nlist + 1, dtype=np.int64)  # heap rows of list l: offsets[l:l+2]
         np.cumsum(sizes, out=offsets[1:])
-        codes = np.empty((int(offsets[-1]), dim), dtype=np.uint8)  # (N, D), by list
         labels = np.empty(int(offsets[-1]), dtype=np.int64)
-        for i in np.flatnonzero(sizes):
-            first, end = int(offsets[i]), int(offsets[i + 1])
-            _copy_list(invlists, int(i), labels[first:end], codes[first:end])
+        self._mapped = isinstance(invlists, faiss.OnDiskInvertedLists)
+        if self._mapped:
+            # The mapping of the whole index file, each list's codes at its own offset.
+            codes = faiss.rev_swig_ptr(invlists.ptr, int(invlists.totsize))
+            starts = np.array([invlists.lists.at(i).offset for i in range(nlist)], np.int64)
+            if (starts + sizes * dim > codes.size).any():  # the kernel reads unchecked
+                raise ValueError("an inverted list lies outside the mapped index file")
+            for i in np.flatnonzero(sizes):
+                _copy_ids(invlists, int(i), labels[offsets[i] : offsets[i + 1]])
+            # One read per page now maps every page, so no search pays the page faults.
+            int(codes[::_PAGE_BYTES].sum(dtype=np.int64))
+        else:
+            codes = np.empty(int(offsets[-1]) * dim, dtype=np.uint8)  # (N * D), by list
+            starts = offsets[:-1] * dim
+            for i in np.flatnonzero(sizes):
+                first, end = int(offsets[i]), int(offsets[i + 1])
+                _copy_ids(invlists, int(i), labels[first:end])
+                _copy_codes(invlists, int(i), codes[first * dim : end * dim])
+        codes.flags.writeable = False  # the mapping is read-only; one compiled kernel for both
         trained = faiss.vector_to_array(ivf.sq.trained).astype(np.float32)
         vmin, vdiff = trained[:dim], trained[dim:]
         self.dim = dim
         self.nlist = nlist
         self.codes = codes
+        self.starts = starts
         self.labels = labels
         self.offsets = offsets
         self.centroids = np.ascontiguousarray(  # (L, D)
@@ -161,26 +200,38 @@ class ListScanner:
     @classmethod
     def from_index(cls, index: faiss.Index) -> ListScanner | None:
         """A scanner for `index`, or None unless it is one inner-product IVF-SQ8 index
-        (no shards, refine or pre-transform around it) with in-memory lists."""
+        (no shards, refine or pre-transform around it) with in-memory lists or lists
+        mapped read-only (`retrieval.index_format.read_index_file` with ``mmap=True``)."""
         ivf: Any = faiss.downcast_index(index)
         if (
             not isinstance(ivf, faiss.IndexIVFScalarQuantizer)
             or ivf.metric_type != faiss.METRIC_INNER_PRODUCT
             or ivf.sq.qtype != faiss.ScalarQuantizer.QT_8bit
             or ivf.invlists is None
-            or not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
         ):
             return None
-        return cls(ivf)
+        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        in_memory = isinstance(invlists, faiss.ArrayInvertedLists)
+        mapped = isinstance(invlists, faiss.OnDiskInvertedLists) and invlists.read_only
+        if not (in_memory or mapped):
+            return None
+        return cls(index, ivf)
 
     @property
     def nprobe(self) -> int:
         return min(int(self._ivf.nprobe), self.nlist)
 
     @property
+    def codes_mapped(self) -> bool:
+        """Whether `codes` is a view of the index file's mapping (no private copy)."""
+        return self._mapped
+
+    @property
     def nbytes(self) -> int:
-        """Memory of the scanner's own arrays."""
-        return int(self.codes.nbytes + self.labels.nbytes + self.centroids.nbytes)
+        """Private memory of the scanner's own arrays (mapped codes are not counted: they
+        are the page cache's, shared with every process mapping the index file)."""
+        codes = 0 if self.codes_mapped else self.codes.nbytes
+        return int(codes + self.labels.nbytes + self.centroids.nbytes + self.starts.nbytes)
 
     def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
         """``(scores [Q, k], labels [Q, k])`` best first; -inf / -1 where fewer than k."""
@@ -210,6 +261,7 @@ class ListScanner:
                 bases = np.full(nprobe, common, dtype=np.float32)
             filled = _scan_lists(
                 self.codes,
+                self.starts,
                 self.offsets,
                 probe.astype(np.int64, copy=False),
                 bases,
@@ -225,13 +277,17 @@ class ListScanner:
         return scores, labels
 
 
-def _copy_list(invlists: Any, list_no: int, labels: IntArray, codes: npt.NDArray[np.uint8]) -> None:
-    """Copy one inverted list's ids and codes into the (contiguous) arrays given."""
+def _copy_ids(invlists: Any, list_no: int, labels: IntArray) -> None:
+    """Copy one inverted list's ids into `labels` (contiguous, the list's length)."""
     ids = invlists.get_ids(list_no)
     try:
         faiss.memcpy(faiss.swig_ptr(labels), ids, labels.nbytes)
     finally:
         invlists.release_ids(list_no, ids)
+
+
+def _copy_codes(invlists: Any, list_no: int, codes: npt.NDArray[np.uint8]) -> None:
+    """Copy one inverted list's codes into `codes` (contiguous, length x code size bytes)."""
     list_codes = invlists.get_codes(list_no)
     try:
         faiss.memcpy(faiss.swig_ptr(codes), list_codes, codes.nbytes)

@@ -106,7 +106,7 @@ class ListScanSearcher:
     to `index`. Build it with `ListScanSearcher.from_index`.
 
     Args:
-        index: the CPU index the scanner copied its codes from.
+        index: the CPU index the scanner reads (its codes copied, or its mapped lists).
         scanner: the scanner built over `index`.
     """
 

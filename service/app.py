@@ -136,6 +136,7 @@ def _load_blocking(settings: ServiceSettings, metrics: ServiceMetrics) -> dict[s
         model_checksum=bundle.checksum,
         require_model_match=settings.require_model_match,
         list_scanner=settings.list_scanner,
+        mmap=settings.index_mmap_enabled,
         on_swap=lambda ok, version, items: _on_swap(metrics, ok, version, items),
     )
     manager.load_initial()

@@ -95,6 +95,12 @@ class IndexManager:
         on_swap: metrics hook, called with (ok, version, num_items) after each attempt.
         list_scanner: search IVF-SQ8 versions with `retrieval.ivf_scan.ListScanner`
             (`IndexVersion.use_list_scanner`; other indexes keep FAISS's search).
+        mmap: load versions with ``load_index_version(..., mmap=True)``: IVF inverted
+            lists are memory-mapped read-only from the version's files, not read (nor
+            copied by the list scanner), so they stay in the page cache, one copy shared
+            by every process serving the same version. Safe because version files are
+            immutable (written once, published atomically); a swap maps the new
+            version's files and the old mapping goes when the old version is dropped.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class IndexManager:
         require_model_match: bool = True,
         on_swap: Callable[[bool, str, int], None] | None = None,
         list_scanner: bool = False,
+        mmap: bool = False,
     ) -> None:
         self.root = Path(root)
         self.model_dim = model_dim
@@ -121,6 +128,7 @@ class IndexManager:
         self._watcher_error: str | None = None  # the watcher error already logged
         self._on_swap = on_swap
         self.list_scanner = list_scanner
+        self.mmap = mmap
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -133,7 +141,7 @@ class IndexManager:
             IndexStoreError: bad manifest or files (`ChecksumMismatchError` on a checksum),
                 or `IndexMismatchError` when it does not fit the model.
         """
-        loaded = load_index_version(self.root, version)
+        loaded = load_index_version(self.root, version, mmap=self.mmap)
         if loaded.dim != self.model_dim:
             raise IndexMismatchError(
                 f"index version {loaded.version!r} has dim {loaded.dim}; the model's output "

@@ -195,8 +195,9 @@ class ServiceSettings(BaseSettings):
         default=True,
         description="Search inner-product IVF-SQ8 indexes (the default above 200k items) with "
         "the built-in list scanner instead of FAISS's generic path: the same answers, 20-37 % "
-        "less search time at k = 1000 (retrieval/ivf_scan.py), N x (D + 8) bytes more memory; "
-        "one thread per batch whatever `faiss_threads` says.",
+        "less search time at k = 1000 (retrieval/ivf_scan.py), N x (D + 8) bytes more memory "
+        "(N x 8 with `index_mmap`: the codes are read from the mapping); one thread per "
+        "batch whatever `faiss_threads` says.",
     )
     prefill_codes: bool = Field(
         default=True,

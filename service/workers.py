@@ -19,8 +19,8 @@ with several workers), so an IVF index's lists are one copy in the page cache fo
 worker; the model, the code caches and the row -> id table are per worker.
 
 Metrics: the supervisor makes a private directory for prometheus_client's multi-process
-files and removes it at exit; /metrics, whichever worker answers it, reports every worker
-(`service.metrics`).
+files (and the workers' "loaded" marks) and removes it at exit; /metrics, whichever worker
+answers it, reports every worker (`service.metrics`).
 
 Lifecycle:
     * start-up: the first workers load in the background, as one process does (/healthz
@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event
+from pathlib import Path
 from types import FrameType
 
 from retrieval.cli import LOG_FORMAT, CommandError
@@ -94,7 +94,7 @@ def run_worker(
     settings: ServiceSettings,
     sock: socket.socket,
     cold: bool,
-    loaded: Event,
+    loaded_mark: Path,
     supervisor_pid: int,
     log_level: int,
 ) -> None:
@@ -105,7 +105,7 @@ def run_worker(
         sock: the shared listening socket.
         cold: load in the background while answering (/healthz 200, /readyz 503), as at
             the first start; False (a replacement): load first, then accept connections.
-        loaded: set once the model and index are loaded and the worker serves.
+        loaded_mark: a file the worker creates once its model and index are loaded.
         supervisor_pid: the worker stops (gracefully) when its parent is no longer this.
         log_level: the supervisor's logging level.
     """
@@ -118,13 +118,13 @@ def run_worker(
 
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
-    app = create_app(settings, load_in_background=cold, on_loaded=loaded.set)
+    app = create_app(settings, load_in_background=cold, on_loaded=loaded_mark.touch)
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
     threading.Thread(
         target=_stop_when_orphaned, args=(supervisor_pid,), name="orphan-watch", daemon=True
     ).start()
     server.run(sockets=[sock])
-    if app.state.load_error is not None or not loaded.is_set():
+    if app.state.load_error is not None or not loaded_mark.exists():
         sys.exit(LOAD_FAILED)
 
 
@@ -140,7 +140,7 @@ class _Slot:
     """One worker position: the process serving it now and its restart state."""
 
     process: SpawnProcess
-    loaded: Event
+    loaded_mark: Path
     started: float
     backoff_s: float = 0.0
     restart_at: float | None = None  # set while the slot waits to restart its worker
@@ -162,6 +162,8 @@ class Supervisor:
         self._signals: list[int] = []
         self._sock: socket.socket | None = None
         self._stop_deadline: float | None = None
+        self._state_dir: Path | None = None
+        self._generation = 0
 
     def run(self) -> None:
         """Serve until a signal stops every worker.
@@ -171,6 +173,7 @@ class Supervisor:
         """
         self._sock = bind_socket(self.settings.host, self.settings.port)
         metrics_dir = tempfile.mkdtemp(prefix="retrieval-metrics-")
+        self._state_dir = Path(metrics_dir)
         # prometheus_client reads this when a worker imports it (`service.metrics`)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         previous = {
@@ -200,21 +203,22 @@ class Supervisor:
         self._signals.append(sig)
 
     def _start(self, *, cold: bool, slot: _Slot | None = None) -> _Slot:
-        assert self._sock is not None
-        loaded = _spawn.Event()
+        assert self._sock is not None and self._state_dir is not None
+        self._generation += 1
+        mark = self._state_dir / f"loaded-{self._generation}"  # not *.db: no metrics file
         process = _spawn.Process(
             target=run_worker,
-            args=(self.settings, self._sock, cold, loaded, os.getpid(), logging.root.level),
+            args=(self.settings, self._sock, cold, mark, os.getpid(), logging.root.level),
             name="retrieval-worker",
             daemon=False,
         )
         process.start()
         logger.info("worker %d started (%s)", process.pid, "cold start" if cold else "replacement")
         if slot is None:
-            return _Slot(process, loaded, time.monotonic())
-        slot.process, slot.loaded, slot.started, slot.restart_at = (
+            return _Slot(process, mark, time.monotonic())
+        slot.process, slot.loaded_mark, slot.started, slot.restart_at = (
             process,
-            loaded,
+            mark,
             time.monotonic(),
             None,
         )
@@ -229,7 +233,7 @@ class Supervisor:
             if self._stop_deadline is not None:
                 return None
             for slot in self.slots:
-                if slot.loaded.is_set():
+                if not self.ever_loaded and slot.loaded_mark.exists():
                     self.ever_loaded = True
                 if slot.restart_at is not None:
                     if time.monotonic() >= slot.restart_at:

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -317,3 +318,91 @@ def test_sharded_version_needs_format_version_2(tmp_path: Path) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexStoreError, match="sharded layout needs `format_version` 2"):
         verify_index_version(path)
+
+
+# --------------------------------------------------------------------------- memory-mapped reads
+
+
+def mapped_lists(index: faiss.Index) -> list[Any]:
+    """The inverted lists of every IVF inside `index` (through shards, pre-transforms and
+    refine stages), downcast; [] for an index without IVF."""
+    parts = shard_indexes(index) or [index]
+    found = []
+    for part in parts:
+        try:
+            ivf: Any = faiss.extract_index_ivf(part)
+        except RuntimeError:
+            continue
+        found.append(faiss.downcast_InvertedLists(ivf.invlists))
+    return found
+
+
+# Every kind the index job builds or is documented to take (`index/factory.py`, the CLI):
+# (factory, search params, whether FAISS maps its lists with IO_FLAG_MMAP).
+MMAP_KINDS = [
+    ("Flat", {}, False),
+    ("HNSW16,Flat", {"efSearch": 32}, False),
+    ("HNSW16,SQ8", {"efSearch": 32}, False),
+    ("IVF8,Flat", {"nprobe": 3}, True),
+    ("IVF8,SQ8", {"nprobe": 3}, True),
+    ("IVF8,SQ4", {"nprobe": 3}, True),
+    ("IVF8,PQ4x4", {"nprobe": 3}, True),
+    ("IVF8,PQ4x4fs", {"nprobe": 3}, False),  # fast-scan lists are read, not mapped
+    ("IVF8,SQ8,RFlat", {"nprobe": 3, "k_factor_rf": 2}, True),
+    ("PCA8,IVF8,SQ8", {"nprobe": 3}, True),
+    ("IVF8_HNSW16,SQ8", {"nprobe": 3, "quantizer_efSearch": 16}, True),
+]
+
+
+@pytest.mark.parametrize("factory, params, maps", MMAP_KINDS, ids=[k[0] for k in MMAP_KINDS])
+def test_every_index_kind_loads_memory_mapped(
+    tmp_path: Path, factory: str, params: dict[str, float], maps: bool
+) -> None:
+    """`mmap=True` loads every kind and answers exactly as the in-memory load; IVF lists
+    are mapped read-only with FAISS's prefetch threads off, other kinds read as usual."""
+    vectors = unit_vectors(1200, 16, seed=7)
+    index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    ids = pa.array([f"id-{i}" for i in range(1200)])
+    write_index_version(tmp_path, "v1", index, vectors, ids, factory=factory, search_params=params)
+    in_memory = load_index_version(tmp_path, "v1")
+    mapped = load_index_version(tmp_path, "v1", mmap=True)
+    lists = mapped_lists(mapped.index)
+    assert (
+        bool(lists) and all(isinstance(lst, faiss.OnDiskInvertedLists) for lst in lists)
+    ) == maps
+    assert not any(
+        isinstance(lst, faiss.OnDiskInvertedLists) for lst in mapped_lists(in_memory.index)
+    )
+    for lst in lists:
+        if isinstance(lst, faiss.OnDiskInvertedLists):
+            assert lst.read_only and lst.prefetch_nthread == 0
+    assert mapped.search_params == in_memory.search_params == params
+    queries = unit_vectors(6, 16, seed=8)
+    want_scores, want_rows = in_memory.search(queries, 50)
+    scores, rows = mapped.search(queries, 50)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_sharded_ivf_loads_memory_mapped(tmp_path: Path) -> None:
+    """Each shard file of a sharded IVF version is mapped on its own; answers unchanged."""
+    vectors = unit_vectors(600, 8)
+    trained = faiss.index_factory(8, "IVF8,SQ8", faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors)
+    parts = []
+    for start, end in ((0, 250), (250, 600)):
+        part = faiss.clone_index(trained)
+        part.add(vectors[start:end])
+        parts.append(part)
+    ids = pa.array([str(i) for i in range(600)])
+    write_index_version(
+        tmp_path, "v1", assemble_shards(parts), None, ids, search_params={"nprobe": 4}
+    )
+    in_memory = load_index_version(tmp_path, "v1")
+    mapped = load_index_version(tmp_path, "v1", mmap=True)
+    lists = mapped_lists(mapped.index)
+    assert len(lists) == 2 and all(isinstance(lst, faiss.OnDiskInvertedLists) for lst in lists)
+    queries = unit_vectors(5, 8, seed=4)
+    np.testing.assert_array_equal(mapped.search(queries, 40)[1], in_memory.search(queries, 40)[1])
+    np.testing.assert_allclose(reconstruct_all(mapped.index), reconstruct_all(in_memory.index))
