@@ -6,7 +6,7 @@ workers; prometheus_client then keeps every value in a memory-mapped file per pr
 /metrics, whichever worker answers it, reports all the workers together: counters and
 histograms summed (a replaced worker's counts stay in the totals), in-flight requests and
 queue depth summed over the live workers, the version gauges 1 where any live worker
-serves that version, `retrieval_redis_up` the lowest of the live workers and the cache hit
+serves that version (0 for versions served before), `retrieval_redis_up` the lowest of the live workers and the cache hit
 ratio computed from the summed counters. The queue depth of a worker is written to its file
 every `REFRESH_S` (and when it answers /metrics).
 
@@ -186,7 +186,8 @@ class ServiceMetrics:
         # only drops from memory.
         if self._index_version is not None:
             self.index_version.labels(version=self._index_version).set(0)
-        self.index_version.clear()
+        if self.multiprocess_dir is None:  # not implemented for files (the 0 stays)
+            self.index_version.clear()
         self.index_version.labels(version=version).set(1)
         self._index_version = version
         self.index_items.set(num_items)
@@ -194,7 +195,8 @@ class ServiceMetrics:
     def set_model_version(self, version: str) -> None:
         if self._model_version is not None:
             self.model_version.labels(version=self._model_version).set(0)
-        self.model_version.clear()
+        if self.multiprocess_dir is None:
+            self.model_version.clear()
         self.model_version.labels(version=version).set(1)
         self._model_version = version
 

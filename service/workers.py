@@ -23,15 +23,17 @@ files (and the workers' "loaded" marks) and removes it at exit; /metrics, whiche
 answers it, reports every worker (`service.metrics`).
 
 Lifecycle:
-    * start-up: the first workers load in the background, as one process does (/healthz
-      answers during a cold start, /readyz 503 until that worker is loaded). If a worker
-      of that first start cannot load its model and index, the supervisor stops the others
-      and `serve` fails (exit status 1): every worker would meet the same error.
+    * start-up: a worker loads its model and index before it accepts a connection, so no
+      request ever meets a worker that is still loading (one process alone answers /healthz
+      during its cold start instead; with workers, connections made during the cold start
+      wait in the socket's backlog for the first loaded worker). If a worker of the first
+      start cannot load, the supervisor stops the others and `serve` fails (exit status 1):
+      every worker would meet the same error.
     * a worker that exits later (killed, crashed) is replaced; the others keep serving, and
-      only requests in flight on that worker are lost (their connections close). A
-      replacement loads before it accepts a connection, so it takes no traffic while
-      loading. Replacements that keep exiting within `STABLE_S` are restarted after a
-      delay that doubles from 1 s up to `MAX_BACKOFF_S`.
+      only requests in flight on that worker are lost (their connections close). The
+      replacement takes no traffic until it is loaded. Replacements that keep exiting
+      within `STABLE_S` are restarted after a delay that doubles from 1 s up to
+      `MAX_BACKOFF_S`.
     * SIGTERM / SIGINT: the supervisor closes its copy of the socket and forwards the
       signal to every worker, each stopping as `ServiceServer` does (readiness off, the
       drain, in-flight requests finished); a second signal is forwarded too (stop at once).
@@ -93,7 +95,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run_worker(
     settings: ServiceSettings,
     sock: socket.socket,
-    cold: bool,
     loaded_mark: Path,
     supervisor_pid: int,
     log_level: int,
@@ -103,8 +104,6 @@ def run_worker(
     Args:
         settings: the supervisor's settings.
         sock: the shared listening socket.
-        cold: load in the background while answering (/healthz 200, /readyz 503), as at
-            the first start; False (a replacement): load first, then accept connections.
         loaded_mark: a file the worker creates once its model and index are loaded.
         supervisor_pid: the worker stops (gracefully) when its parent is no longer this.
         log_level: the supervisor's logging level.
@@ -118,14 +117,22 @@ def run_worker(
 
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
-    app = create_app(settings, load_in_background=cold, on_loaded=loaded_mark.touch)
+    app = create_app(settings, on_loaded=loaded_mark.touch)  # loads before accepting
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
+    # uvicorn raises the stop signal again once it has stopped, to die of it; a worker
+    # returns instead, so its exit handlers run (status 0 after a signalled stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _returned)
     threading.Thread(
         target=_stop_when_orphaned, args=(supervisor_pid,), name="orphan-watch", daemon=True
     ).start()
     server.run(sockets=[sock])
     if app.state.load_error is not None or not loaded_mark.exists():
         sys.exit(LOAD_FAILED)
+
+
+def _returned(sig: int, frame: FrameType | None) -> None:
+    """The worker's own handler of the signal uvicorn raises again after its stop."""
 
 
 def _stop_when_orphaned(supervisor_pid: int) -> None:
@@ -187,7 +194,7 @@ class Supervisor:
                 self.settings.host,
                 self.settings.port,
             )
-            self.slots = [self._start(cold=True) for _ in range(self.settings.workers)]
+            self.slots = [self._start() for _ in range(self.settings.workers)]
             failure = self._watch(metrics_dir)
         finally:
             self._stop_all()
@@ -202,18 +209,18 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self._signals.append(sig)
 
-    def _start(self, *, cold: bool, slot: _Slot | None = None) -> _Slot:
+    def _start(self, slot: _Slot | None = None) -> _Slot:
         assert self._sock is not None and self._state_dir is not None
         self._generation += 1
         mark = self._state_dir / f"loaded-{self._generation}"  # not *.db: no metrics file
         process = _spawn.Process(
             target=run_worker,
-            args=(self.settings, self._sock, cold, mark, os.getpid(), logging.root.level),
+            args=(self.settings, self._sock, mark, os.getpid(), logging.root.level),
             name="retrieval-worker",
             daemon=False,
         )
         process.start()
-        logger.info("worker %d started (%s)", process.pid, "cold start" if cold else "replacement")
+        logger.info("worker %d started%s", process.pid, " (a replacement)" if slot else "")
         if slot is None:
             return _Slot(process, mark, time.monotonic())
         slot.process, slot.loaded_mark, slot.started, slot.restart_at = (
@@ -237,7 +244,7 @@ class Supervisor:
                     self.ever_loaded = True
                 if slot.restart_at is not None:
                     if time.monotonic() >= slot.restart_at:
-                        self._start(cold=False, slot=slot)
+                        self._start(slot)
                     continue
                 code = slot.process.exitcode
                 if code is None:
