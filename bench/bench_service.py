@@ -315,6 +315,27 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def process_tree_memory_mb(pid: int) -> dict[str, Any]:
+    """Memory of process `pid` and its descendants: RSS summed (shared pages counted in
+    every process that maps them) and PSS summed (each shared page split between its
+    processes: what the tree costs the machine), in MB, and the process count."""
+    rss = pss = 0
+    count = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:] if ":" in line)
+        rss += int(fields["Rss"].split()[0])
+        pss += int(fields["Pss"].split()[0])
+        count += 1
+        pending += child_pids(current)
+    return {"rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1), "processes": count}
+
+
 def run_load(
     url: str, bodies: list[bytes], server_pid: int, run: Any, **kwargs: Any
 ) -> dict[str, Any]:
@@ -575,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"open loop {rate}/s: {stats}")
         if pre_capacity is not None:
             results["open_loop"] += run_sweep(url, bodies, server.pid, args, pre_capacity)
+        results["server_memory"] = process_tree_memory_mb(server.pid)  # after every level
     finally:
         stop_server(server)
 
@@ -631,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             "fast_path": args.fast_path,
             "search_path": results.get("search_path"),
             "start_s": results.get("server_start_s"),
+            "memory": results.get("server_memory"),
         },
         "build_seconds": build_timings,
         "correctness": {
@@ -674,6 +697,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['server']['threads']} torch/FAISS thread(s) each, search path "
         f"{report['server']['search_path']}, fast path "
         f"{'on' if report['server'].get('fast_path', True) else 'off'}",
+        "server memory after the load: "
+        + (
+            f"RSS {memory['rss_mb']} MB, PSS {memory['pss_mb']} MB over {memory['processes']} "
+            "process(es)"
+            if (memory := report["server"].get("memory"))
+            else "not measured"
+        ),
         "",
         f"{'load':<14} {'QPS':>8} {'mean':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'batch':>6} "
         f"{'err':>5} {'cpu ms/req':>10}",
