@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
@@ -144,10 +145,11 @@ class ServiceSettings(BaseSettings):
         default=2,
         ge=1,
         le=64,
-        description="Micro-batches that may run at once, each on its own thread with its own "
-        "`faiss_threads` (FAISS and torch release the GIL, so 2 workers search on 2 cores; "
-        "on a 2-core VM whose FAISS search took 2.0 ms, 1M items, k=1000: 400 QPS at p99 19 ms with 2, "
-        "saturated with 1, see bench/results/bench_service_1m.txt).",
+        description="Micro-batches that may run at once in one process, each on its own "
+        "thread with its own `faiss_threads` (FAISS and torch release the GIL, so 2 workers "
+        "search on 2 cores). Default 2 with one process, 1 per process with several "
+        "`workers` (2 x 2 threads on 2 cores served less than 2 x 1: "
+        "bench/results/bench_service_workers.md).",
     )
     workers: int = Field(
         default=1,
@@ -279,6 +281,16 @@ class ServiceSettings(BaseSettings):
         # `max_batch_queries` above it is refused by `_check_combination`).
         if isinstance(data, dict) and "max_in_flight" in data and "max_batch_queries" not in data:
             data = {**data, "max_batch_queries": min(64, int(data["max_in_flight"]))}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_take_one_batch_thread_each(cls, data: Any) -> Any:
+        # Several processes share the cores: one batch thread each unless told otherwise.
+        if isinstance(data, dict) and "batch_workers" not in data:
+            with contextlib.suppress(TypeError, ValueError):  # the field's check says why
+                if int(data.get("workers", 1)) > 1:
+                    data = {**data, "batch_workers": 1}
         return data
 
     @model_validator(mode="before")

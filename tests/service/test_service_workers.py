@@ -120,6 +120,15 @@ def test_the_port_in_use_is_a_one_line_error(serve_args: list[str], tmp_path: Pa
     assert "Traceback" not in done.stderr
 
 
+def test_several_workers_default_to_one_batch_thread_each() -> None:
+    assert ServiceSettings(model_dir="m", index_root="i").batch_workers == 2
+    assert ServiceSettings(model_dir="m", index_root="i", workers=2).batch_workers == 1
+    given = ServiceSettings(model_dir="m", index_root="i", workers=2, batch_workers=3)
+    assert given.batch_workers == 3
+    with pytest.raises(ValueError, match="workers"):
+        ServiceSettings(model_dir="m", index_root="i", workers="many")
+
+
 def test_index_mmap_defaults_on_with_several_workers() -> None:
     one = ServiceSettings(model_dir="m", index_root="i")
     two = ServiceSettings(model_dir="m", index_root="i", workers=2)
