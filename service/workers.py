@@ -1,16 +1,22 @@
-"""`retrieval serve --workers N`: N server processes sharing one listening socket.
+"""`retrieval serve --workers N`: N server processes listening on one port.
 
 Usage::
 
     retrieval serve --model M --index R --data D --workers 2
     RETRIEVAL_WORKERS=2 retrieval serve --model M --index R
 
-The `retrieval serve` process becomes a supervisor: it binds the socket, then starts N
+The `retrieval serve` process becomes a supervisor: it reserves the port, then starts N
 worker processes (multiprocessing's "spawn": a fresh interpreter each, nothing inherited by
 fork) that each run the whole service (app, model, index, micro-batcher and its
-`batch_workers` threads) under their own uvicorn `ServiceServer`, accepting connections
-from the shared socket: a new connection goes to whichever worker accepts it first, so an
-idle worker takes it before a busy one. Everything of one worker stays in it: its
+`batch_workers` threads) under their own uvicorn `ServiceServer`, on a socket of their own
+bound to the port with ``SO_REUSEPORT``: the kernel hands each new connection to one of the
+listening workers by a hash of its addresses, so connections spread evenly whatever their
+timing. (One socket shared by all workers was measured first: a client opening its 16
+keep-alive connections at once had all of them accepted by one worker in 2 trials of 5, as
+the first worker to wake accepts every pending connection, and served 0.6x the requests.)
+A worker listens only once it is loaded, and a worker that stops or dies leaves the group,
+so connections go only to workers that can answer them. Everything of one worker stays in
+it: its
 admission limit (`max_in_flight` is per worker), its embedded feature store, its code
 caches, its micro-batches. Redis, when configured, is shared.
 
@@ -34,15 +40,17 @@ Lifecycle:
       replacement takes no traffic until it is loaded. Replacements that keep exiting
       within `STABLE_S` are restarted after a delay that doubles from 1 s up to
       `MAX_BACKOFF_S`.
-    * SIGTERM / SIGINT: the supervisor closes its copy of the socket and forwards the
-      signal to every worker, each stopping as `ServiceServer` does (readiness off, the
-      drain, in-flight requests finished); a second signal is forwarded too (stop at once).
+    * SIGTERM / SIGINT: the supervisor forwards the signal to every worker, each stopping
+      as `ServiceServer` does (readiness off, the drain, in-flight requests finished; a
+      connection the kernel queued for a worker in the instant its socket closes is reset);
+      a second signal is forwarded too (stop at once).
       Workers still running `shutdown_drain_s + graceful_timeout_s + STOP_MARGIN_S` after
       the first signal are killed. A worker whose supervisor is gone stops by itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -67,14 +75,16 @@ LOAD_FAILED = 3  # a worker's exit status when its model or index could not be l
 STABLE_S = 30.0  # a worker alive this long resets the restart backoff
 MAX_BACKOFF_S = 30.0
 STOP_MARGIN_S = 10.0
-BACKLOG = 2048  # uvicorn's default
 _POLL_S = 0.1
 
 _spawn = multiprocessing.get_context("spawn")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port) that worker processes can share.
+def port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with ``SO_REUSEPORT``, not listening yet: a
+    worker's (uvicorn listens on it once the worker is loaded), or the supervisor's
+    reservation (never listening: no connection is ever handed to it, but a program that
+    binds the port without ``SO_REUSEPORT`` is refused for as long as the supervisor runs).
 
     Raises:
         CommandError: the address cannot be bound (in use, not local, no permission).
@@ -83,18 +93,36 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    sock.set_inheritable(True)
     return sock
+
+
+def lock_port(port: int) -> int:
+    """An exclusive lock on this port's lock file (released when the process exits): a
+    second `retrieval serve --workers` on the same port, which ``SO_REUSEPORT`` would let
+    join the first one's group and take half its connections, is refused instead.
+
+    Raises:
+        CommandError: another supervisor holds the port.
+    """
+    path = Path(tempfile.gettempdir()) / f"retrieval-serve-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise CommandError(
+            f"cannot listen on port {port}: another `retrieval serve --workers` holds it ({path})"
+        ) from exc
+    return fd
 
 
 def run_worker(
     settings: ServiceSettings,
-    sock: socket.socket,
     loaded_mark: Path,
     supervisor_pid: int,
     log_level: int,
@@ -103,7 +131,6 @@ def run_worker(
 
     Args:
         settings: the supervisor's settings.
-        sock: the shared listening socket.
         loaded_mark: a file the worker creates once its model and index are loaded.
         supervisor_pid: the worker stops (gracefully) when its parent is no longer this.
         log_level: the supervisor's logging level.
@@ -126,7 +153,7 @@ def run_worker(
     threading.Thread(
         target=_stop_when_orphaned, args=(supervisor_pid,), name="orphan-watch", daemon=True
     ).start()
-    server.run(sockets=[sock])
+    server.run(sockets=[port_socket(settings.host, settings.port)])
     if app.state.load_error is not None or not loaded_mark.exists():
         sys.exit(LOAD_FAILED)
 
@@ -167,7 +194,7 @@ class Supervisor:
         self.slots: list[_Slot] = []
         self.ever_loaded = False
         self._signals: list[int] = []
-        self._sock: socket.socket | None = None
+        self._reservation: socket.socket | None = None
         self._stop_deadline: float | None = None
         self._state_dir: Path | None = None
         self._generation = 0
@@ -178,7 +205,12 @@ class Supervisor:
         Raises:
             CommandError: the socket cannot be bound, or the first workers could not load.
         """
-        self._sock = bind_socket(self.settings.host, self.settings.port)
+        lock = lock_port(self.settings.port)
+        try:
+            self._reservation = port_socket(self.settings.host, self.settings.port)
+        except CommandError:
+            os.close(lock)
+            raise
         metrics_dir = tempfile.mkdtemp(prefix="retrieval-metrics-")
         self._state_dir = Path(metrics_dir)
         # prometheus_client reads this when a worker imports it (`service.metrics`)
@@ -200,8 +232,8 @@ class Supervisor:
             self._stop_all()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self._sock is not None:
-                self._sock.close()
+            self._reservation.close()
+            os.close(lock)
             shutil.rmtree(metrics_dir, ignore_errors=True)
         if failure is not None:
             raise CommandError(failure)
@@ -210,12 +242,12 @@ class Supervisor:
         self._signals.append(sig)
 
     def _start(self, slot: _Slot | None = None) -> _Slot:
-        assert self._sock is not None and self._state_dir is not None
+        assert self._state_dir is not None
         self._generation += 1
         mark = self._state_dir / f"loaded-{self._generation}"  # not *.db: no metrics file
         process = _spawn.Process(
             target=run_worker,
-            args=(self.settings, self._sock, mark, os.getpid(), logging.root.level),
+            args=(self.settings, mark, os.getpid(), logging.root.level),
             name="retrieval-worker",
             daemon=False,
         )
@@ -278,9 +310,6 @@ class Supervisor:
                 self._stop_deadline = (
                     time.monotonic() + s.shutdown_drain_s + s.graceful_timeout_s + STOP_MARGIN_S
                 )
-                if self._sock is not None:  # the workers' copies close as they stop
-                    self._sock.close()
-                    self._sock = None
                 logger.info("signal %s: stopping %d workers", sig, len(self.slots))
             for slot in self.slots:
                 if slot.process.exitcode is None and slot.process.pid is not None:

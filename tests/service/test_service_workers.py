@@ -120,6 +120,38 @@ def test_the_port_in_use_is_a_one_line_error(serve_args: list[str], tmp_path: Pa
     assert "Traceback" not in done.stderr
 
 
+def test_a_second_supervisor_on_the_same_port_is_refused(
+    serve_args: list[str], tmp_path: Path
+) -> None:
+    # SO_REUSEPORT would let it join the first one's workers and take half the connections
+    first = Supervised([*serve_args, "--workers", "2"], tmp_path / "first.log")
+    try:
+        first.wait_ready(2)
+        command = [sys.executable, "-m", "retrieval", "serve", *serve_args, "--workers", "2"]
+        done = subprocess.run(
+            [*command, "--port", str(first.port)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (
+            done.returncode == 1 and "another `retrieval serve --workers` holds it" in done.stderr
+        )
+        # nor can a plain server take the port the supervisor holds
+        single = subprocess.run(
+            [sys.executable, "-m", "retrieval", "serve", *serve_args, "--port", str(first.port)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert single.returncode != 0 and "address already in use" in single.stderr.lower()
+        assert httpx.post(f"{first.url}/v1/retrieve", json=GOOD).status_code == 200
+    finally:
+        assert first.stop() == 0
+
+
 def test_several_workers_default_to_one_batch_thread_each() -> None:
     assert ServiceSettings(model_dir="m", index_root="i").batch_workers == 2
     assert ServiceSettings(model_dir="m", index_root="i", workers=2).batch_workers == 1
