@@ -36,7 +36,8 @@ What it does, top to bottom:
    the same queries run in process (identical lists expected), and the index's recall@k
    against exact search recorded by the build;
 6. the in-process floor, server stopped: the same queries through the same code path
-   without HTTP (`Retriever.run_batch`: encode, query tower, one FAISS search, ids) at
+   without HTTP (`Retriever.run_batch`: encode, query tower, one FAISS search, ids; the
+   index memory-mapped when the server ran several workers, as they read it) at
    batch size 1 and at the batch sizes the server formed; the ratio of the HTTP mean
    latency at concurrency 1 to the batch-1 floor, and capacity: ``os.cpu_count()``
    divided by the batch-1 floor's mean seconds per query (the rate the machine's cores
@@ -377,8 +378,10 @@ def in_process(
     k: int,
     threads: int,
     list_scanner: bool,
+    mmap: bool = False,
 ) -> tuple[Any, list[Any]]:
-    """A `Retriever` built exactly as the service builds it, and the checked queries."""
+    """A `Retriever` built exactly as the service builds it, and the checked queries
+    (`mmap`: the index read memory-mapped, as a server with several workers reads it)."""
     import faiss
     import torch
 
@@ -398,6 +401,7 @@ def in_process(
         model_dim=bundle.model.output_dim,
         model_checksum=bundle.checksum,
         list_scanner=list_scanner,  # as the server was started
+        mmap=mmap,
     )
     manager.load_initial()
     retriever = Retriever(
@@ -452,7 +456,9 @@ def pre_estimate_floor(
 ) -> dict[str, Any]:
     """The batch-1 floor over `PRE_ESTIMATE_QUERIES` queries, measured before the server
     starts to place the sweep; the retriever (model and index) is freed before returning."""
-    retriever, jobs = in_process(model, index, queries, args.k, args.threads, args.list_scanner)
+    retriever, jobs = in_process(
+        model, index, queries, args.k, args.threads, args.list_scanner, args.workers > 1
+    )
     warm_code_caches(retriever, jobs)
     floor = floor_at(retriever, jobs, 1, PRE_ESTIMATE_QUERIES)
     del retriever, jobs
@@ -604,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_server(server)
 
     log("in-process floor (server stopped)")
-    retriever, jobs = in_process(model, index, queries, args.k, args.threads, args.list_scanner)
+    retriever, jobs = in_process(
+        model, index, queries, args.k, args.threads, args.list_scanner, args.workers > 1
+    )
     # one query per batch, as the server ran them at concurrency 1 (FAISS sums in a different
     # order for larger batches, which may swap near-ties)
     local = [retriever.run_batch([job])[0].ids for job in jobs[: len(check_queries)]]
