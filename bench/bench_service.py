@@ -635,14 +635,17 @@ def main(argv: list[str] | None = None) -> int:
     ratio = round(c1["mean_ms"] / floor_1, 2) if c1 and "mean_ms" in c1 else None
     capacity = capacity_qps(cpu_count, floor_1)
     best = best_within_target(results["open_loop"], args.target_p99_ms)
-    best_over_capacity = round(best["offered_qps"] / capacity, 3) if best else None
-    # a target is None when it was not measured (no open-loop level, no concurrency-1 level)
+    exact_over_capacity = best["offered_qps"] / capacity if best else None
+    best_over_capacity = round(exact_over_capacity, 4) if exact_over_capacity else None
+    # a target is None when it was not measured (no open-loop level, no concurrency-1 level);
+    # both are judged on the unrounded ratios
     rate_target_met = None
     if any(not s.get("skipped") for s in results["open_loop"]):
         rate_target_met = bool(
-            best_over_capacity and best_over_capacity >= TARGET_RATE_OVER_CAPACITY
+            exact_over_capacity and exact_over_capacity >= TARGET_RATE_OVER_CAPACITY
         )
-    c1_target_met = ratio <= TARGET_C1_OVER_FLOOR if ratio is not None else None
+    c1_exact = c1["mean_ms"] / floor_1 if c1 and "mean_ms" in c1 else None
+    c1_target_met = c1_exact <= TARGET_C1_OVER_FLOOR if c1_exact is not None else None
 
     report = {
         "machine": machine(),
@@ -761,7 +764,7 @@ def capacity_lines(report: dict[str, Any]) -> list[str]:
     if best:
         lines.append(
             f"highest open-loop rate with p99 <= {target:g} ms: {best['offered_qps']:.0f}/s = "
-            f"{report['best_rate_over_capacity']:.2f}x capacity (p99 {best['p99_ms']}, "
+            f"{report['best_rate_over_capacity']:.3f}x capacity (p99 {best['p99_ms']}, "
             f"p50 {best['p50_ms']}, mean {best['mean_ms']} ms; {best['qps']} q/s answered)"
         )
     else:
