@@ -67,13 +67,18 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    from service.server import serve
-
     logger.info(
         "serve: %s",
         settings.model_dump_json(exclude={"api_key"}),
     )
-    serve(settings)
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        serve_workers(settings)
+    else:
+        from service.server import serve
+
+        serve(settings)
     return 0
 
 

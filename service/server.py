@@ -80,13 +80,8 @@ def uvicorn_config(app: FastAPI, settings: ServiceSettings, **overrides: Any) ->
 
 
 def serve(settings: ServiceSettings) -> None:
-    """Build the app and run it until a signal stops it (with several `workers`, start
-    and supervise the worker processes instead: `service.workers`)."""
-    if settings.workers > 1:
-        from service.workers import serve_workers
-
-        serve_workers(settings)
-        return
+    """Build the app and run it in this process until a signal stops it (several
+    `workers`: `service.workers.serve_workers` starts and supervises them instead)."""
     import faiss
     import torch
 

@@ -32,6 +32,7 @@ from service_fixtures import (
     wait_until,
     write_subset_version,
 )
+from test_reliability_index import QUERIES
 from test_reliability_input import BAD_BODIES, RAW, send_oversized
 from workers_fixtures import Supervised, metric
 
@@ -41,11 +42,6 @@ from retrieval.index_store import load_index_version, read_current
 from retrieval.searchers import reconstruct_all
 
 KEY = "s3cret-key-0123456789"
-QUERIES: list[dict[str, Any]] = [
-    {"gender": "F", "history": ["m 001/x"]},
-    {"gender": "M", "occupation": "artist", "history": ["m 004/x", "m 010/x"]},
-    {"age_bucket": "35-44", "zip_prefix": "30"},
-]
 
 
 def serve_args(bundle: Path, index: Path, data: Path) -> list[str]:
