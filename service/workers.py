@@ -10,15 +10,15 @@ worker processes (multiprocessing's "spawn": a fresh interpreter each, nothing i
 fork) that each run the whole service (app, model, index, micro-batcher and its
 `batch_workers` threads) under their own uvicorn `ServiceServer`, on a socket of their own
 bound to the port with ``SO_REUSEPORT``: the kernel hands each new connection to one of the
-listening workers by a hash of its addresses, so connections spread evenly whatever their
-timing. (One socket shared by all workers was measured first: a client opening its 16
+listening workers by a hash of its addresses, so connections spread evenly on average
+whatever their timing (a handful of connections can still fall unevenly by chance). (One
+socket shared by all workers was measured first: a client opening its 16
 keep-alive connections at once had all of them accepted by one worker in 2 trials of 5, as
 the first worker to wake accepts every pending connection, and served 0.6x the requests.)
 A worker listens only once it is loaded, and a worker that stops or dies leaves the group,
 so connections go only to workers that can answer them. Everything of one worker stays in
-it: its
-admission limit (`max_in_flight` is per worker), its embedded feature store, its code
-caches, its micro-batches. Redis, when configured, is shared.
+it: its admission limit (`max_in_flight` is per worker), its embedded feature store, its
+code caches, its micro-batches. Redis, when configured, is shared.
 
 Memory: index versions are read memory-mapped (`ServiceSettings.index_mmap`, on by default
 with several workers), so an IVF index's lists are one copy in the page cache for every
@@ -31,12 +31,12 @@ answers it, reports every worker (`service.metrics`).
 Lifecycle:
     * start-up: a worker loads its model and index before it accepts a connection, so no
       request ever meets a worker that is still loading (one process alone answers /healthz
-      during its cold start instead; with workers, connections made during the cold start
-      wait in the socket's backlog for the first loaded worker). If a worker of the first
+      during its cold start instead; with workers, the port refuses connections until the
+      first worker is loaded and listens). If a worker of the first
       start cannot load, the supervisor stops the others and `serve` fails (exit status 1):
       every worker would meet the same error.
     * a worker that exits later (killed, crashed) is replaced; the others keep serving, and
-      only requests in flight on that worker are lost (their connections close). The
+      only that worker's connections are lost (in flight or queued for it: reset). The
       replacement takes no traffic until it is loaded. Replacements that keep exiting
       within `STABLE_S` are restarted after a delay that doubles from 1 s up to
       `MAX_BACKOFF_S`.
