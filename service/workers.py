@@ -101,15 +101,21 @@ def port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def port_lock_path(port: int) -> Path:
+    """The lock file of a supervisor on `port` (in the system's temporary directory)."""
+    return Path(tempfile.gettempdir()) / f"retrieval-serve-{port}.lock"
+
+
 def lock_port(port: int) -> int:
-    """An exclusive lock on this port's lock file (released when the process exits): a
-    second `retrieval serve --workers` on the same port, which ``SO_REUSEPORT`` would let
-    join the first one's group and take half its connections, is refused instead.
+    """An exclusive lock on this port's lock file (`port_lock_path`; the supervisor removes
+    the file as it stops): a second `retrieval serve --workers` on the same port, which
+    ``SO_REUSEPORT`` would let join the first one's group and take half its connections,
+    is refused instead.
 
     Raises:
         CommandError: another supervisor holds the port.
     """
-    path = Path(tempfile.gettempdir()) / f"retrieval-serve-{port}.lock"
+    path = port_lock_path(port)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,6 +215,7 @@ class Supervisor:
         try:
             self._reservation = port_socket(self.settings.host, self.settings.port)
         except CommandError:
+            port_lock_path(self.settings.port).unlink(missing_ok=True)
             os.close(lock)
             raise
         metrics_dir = tempfile.mkdtemp(prefix="retrieval-metrics-")
@@ -233,6 +240,9 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._reservation.close()
+            # removed while still locked: a newcomer that opened it meanwhile is refused,
+            # one that comes later creates a new file
+            port_lock_path(self.settings.port).unlink(missing_ok=True)
             os.close(lock)
             shutil.rmtree(metrics_dir, ignore_errors=True)
         if failure is not None:

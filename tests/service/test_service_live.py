@@ -180,9 +180,11 @@ def test_failed_swap_keeps_serving(
 def test_graceful_shutdown_drains_in_flight_requests(
     make_settings: Callable[..., ServiceSettings],
 ) -> None:
-    settings = make_settings(port=free_port(), shutdown_drain_s=0.3, max_wait_ms=0)
+    # the in-flight request outlasts the drain, so it finishes after the listener closed;
+    # the drain is long enough for the readiness probe's new connection on a slow machine
+    settings = make_settings(port=free_port(), shutdown_drain_s=1.0, max_wait_ms=0)
     with live_server(settings) as server:
-        slow_embed(server.services, 0.5)
+        slow_embed(server.services, 1.5)
 
         async def scenario() -> tuple[httpx.Response, int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:

@@ -18,6 +18,7 @@ from service_fixtures import wait_until
 from workers_fixtures import ENV, Supervised, children, metric, worker_batch_sum
 
 from service.settings import ServiceSettings
+from service.workers import port_lock_path
 
 GOOD = {"query": {"gender": "F", "history": ["i3"]}, "k": 5}
 
@@ -56,6 +57,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_on_sigterm(
     assert status == 0, server.log.read_text()[-3000:]
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
     assert not mine[0].exists()  # the metrics directory is removed at exit
+    assert not port_lock_path(server.port).exists()  # and the port's lock file
     log = server.log.read_text()
     assert log.count("service stopped") == 2
     assert "leaked" not in log and "Traceback" not in log  # workers exit through their handlers
@@ -122,6 +124,7 @@ def test_the_port_in_use_is_a_one_line_error(serve_args: list[str], tmp_path: Pa
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not port_lock_path(port).exists()
 
 
 def test_a_second_supervisor_on_the_same_port_is_refused(
