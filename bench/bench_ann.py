@@ -275,6 +275,17 @@ def recall_of(rows: IntArray, truth: GroundTruth, vectors: FloatArray) -> float:
 # --------------------------------------------------------------------------- search paths
 
 
+class ThreadCount:
+    """The threads a library's search passes on each call (`SearchPath.set_threads` is
+    `set`), for libraries that take a thread count per search rather than globally."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def set(self, count: int) -> None:
+        self.count = count
+
+
 def _no_threads(_: int) -> None:
     """`SearchPath.set_threads` of a path whose library has no thread setting of its own."""
 
@@ -297,9 +308,9 @@ class SearchPath:
         secondary: settings of other knobs, each tried with its own cheapest `knob`;
             ordered so that each later one needs no more of `knob` ([{}]: none).
         index_bytes: serialised size (or the library's own figure, see notes).
-        build_seconds: wall time of the build, training included.
-        rss_delta_mib: resident memory growth of this process over the build.
-        build: build details (train / add seconds, engine, ...).
+        build: build details: ``seconds`` (wall time of the build, training included),
+            ``rss_delta_mib`` (resident memory growth of this process over the build),
+            train / add seconds, engine, ...
         notes: what a reader needs beside the figures.
     """
 
@@ -313,12 +324,18 @@ class SearchPath:
     knob: str
     grid: list[int]
     index_bytes: int
-    build_seconds: float
-    rss_delta_mib: float
+    build: dict[str, Any]
     secondary: list[Setting] = field(default_factory=lambda: [{}])
     set_threads: Callable[[int], None] = _no_threads
-    build: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def build_seconds(self) -> float:
+        return float(self.build["seconds"])
+
+    @property
+    def rss_delta_mib(self) -> float:
+        return float(self.build["rss_delta_mib"])
 
 
 @dataclass
@@ -423,8 +440,6 @@ def faiss_path(
         grid=grid,
         secondary=secondary or [{}],
         index_bytes=faiss_bytes(index, work),
-        build_seconds=build["seconds"],
-        rss_delta_mib=build["rss_delta_mib"],
         build=dict(build),
         notes=notes or [],
     )
@@ -470,9 +485,12 @@ def scanner_path(name: str, group: str, index: faiss.Index, base: SearchPath) ->
         knob="nprobe",
         grid=ivf_grid(scanner.nlist),
         index_bytes=base.index_bytes + scanner.nbytes,
-        build_seconds=round(base.build_seconds + figures["seconds"], 2),
-        rss_delta_mib=round(base.rss_delta_mib + figures["rss_delta_mib"], 1),
-        build={**base.build, "scanner_copy_seconds": figures["seconds"]},
+        build={
+            **base.build,
+            "seconds": round(base.build_seconds + figures["seconds"], 2),
+            "rss_delta_mib": round(base.rss_delta_mib + figures["rss_delta_mib"], 1),
+            "scanner_copy_seconds": figures["seconds"],
+        },
         notes=[
             f"memory: the FAISS index plus the scanner's copy of codes and labels "
             f"({own_mib:.1f} MiB); coarse step exact over all {scanner.nlist} centroids",
@@ -644,18 +662,15 @@ def build_hnswlib(ctx: BuildContext) -> list[SearchPath]:
             chunk = np.ascontiguousarray(ctx.vectors[first : first + ADD_CHUNK_ROWS])
             ids = np.arange(first, first + len(chunk), dtype=np.int64)
             index.add_items(chunk, ids, num_threads=ctx.threads)
-    threads = [ctx.threads]
+    threads = ThreadCount(ctx.threads)
 
     def search(queries: FloatArray, k: int) -> IntArray:
-        labels, _ = index.knn_query(queries, k=k, num_threads=threads[0])
+        labels, _ = index.knn_query(queries, k=k, num_threads=threads.count)
         return labels.astype(np.int64)
 
     def apply(setting: Setting) -> dict[str, Any]:
         index.set_ef(setting["ef"])
         return dict(setting)
-
-    def set_threads(count: int) -> None:
-        threads[0] = count
 
     return [
         SearchPath(
@@ -666,12 +681,10 @@ def build_hnswlib(ctx: BuildContext) -> list[SearchPath]:
             description=f"M {GRAPH_M}, ef_construction {GRAPH_EF_CONSTRUCTION}, space ip",
             search=search,
             apply=apply,
-            set_threads=set_threads,
+            set_threads=threads.set,
             knob="ef",
             grid=graph_grid(ctx.k),
             index_bytes=int(index.index_file_size()),
-            build_seconds=figures["seconds"],
-            rss_delta_mib=figures["rss_delta_mib"],
             build=dict(figures),
         )
     ]
@@ -690,10 +703,10 @@ def build_usearch(ctx: BuildContext, dtype: str) -> list[SearchPath]:
             expansion_add=GRAPH_EF_CONSTRUCTION,
         )
         index.add(np.arange(num_items, dtype=np.uint64), ctx.vectors, threads=ctx.threads)
-    threads = [ctx.threads]
+    threads = ThreadCount(ctx.threads)
 
     def search(queries: FloatArray, k: int) -> IntArray:
-        matches = index.search(queries, k, threads=threads[0])
+        matches = index.search(queries, k, threads=threads.count)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         if isinstance(matches, BatchMatches):
             valid = np.arange(k)[None, :] < matches.counts[:, None]  # (Q, k)
@@ -707,9 +720,6 @@ def build_usearch(ctx: BuildContext, dtype: str) -> list[SearchPath]:
         index.expansion_search = setting["expansion_search"]
         return dict(setting)
 
-    def set_threads(count: int) -> None:
-        threads[0] = count
-
     name = f"usearch-{dtype}"
     return [
         SearchPath(
@@ -720,12 +730,10 @@ def build_usearch(ctx: BuildContext, dtype: str) -> list[SearchPath]:
             description=f"{dtype}, connectivity {GRAPH_M}, expansion_add {GRAPH_EF_CONSTRUCTION}",
             search=search,
             apply=apply,
-            set_threads=set_threads,
+            set_threads=threads.set,
             knob="expansion_search",
             grid=graph_grid(ctx.k),
             index_bytes=int(index.serialized_length),
-            build_seconds=figures["seconds"],
-            rss_delta_mib=figures["rss_delta_mib"],
             build=dict(figures),
             notes=[f"the library's memory_usage: {index.memory_usage / 2**20:.0f} MiB"],
         )
@@ -758,7 +766,7 @@ def build_scann(ctx: BuildContext) -> list[SearchPath]:
     searcher.serialize(str(folder))
     size = sum(path.stat().st_size for path in folder.iterdir())
     shutil.rmtree(folder)
-    threads = [ctx.threads]
+    threads = ThreadCount(ctx.threads)
     knobs: dict[str, int] = {}
 
     def pad(found: npt.NDArray[Any], k: int) -> IntArray:
@@ -771,8 +779,8 @@ def build_scann(ctx: BuildContext) -> list[SearchPath]:
         if len(queries) == 1:
             found, _ = searcher.search(queries[0], **options)  # one thread
             return pad(np.asarray(found, dtype=np.int64)[None, :], k)
-        if threads[0] > 1:
-            searcher.set_num_threads(threads[0])
+        if threads.count > 1:
+            searcher.set_num_threads(threads.count)
             found, _ = searcher.search_batched_parallel(queries, **options)
         else:
             found, _ = searcher.search_batched(queries, **options)
@@ -781,9 +789,6 @@ def build_scann(ctx: BuildContext) -> list[SearchPath]:
     def apply(setting: Setting) -> dict[str, Any]:
         knobs.update(setting)
         return dict(setting)
-
-    def set_threads(count: int) -> None:
-        threads[0] = count
 
     reorder = [2] if ctx.quick else [1, 2, 4, 8, 16]  # x k float re-order candidates
     description = (
@@ -799,13 +804,11 @@ def build_scann(ctx: BuildContext) -> list[SearchPath]:
             description=description,
             search=search,
             apply=apply,
-            set_threads=set_threads,
+            set_threads=threads.set,
             knob="leaves_to_search",
             grid=ivf_grid(leaves),
             secondary=[{"pre_reorder_num_neighbors": f * ctx.k} for f in reorder],
             index_bytes=size,
-            build_seconds=figures["seconds"],
-            rss_delta_mib=figures["rss_delta_mib"],
             build=dict(figures),
             notes=["memory: serialised searcher, float dataset for the re-order included"],
         )

@@ -303,19 +303,26 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of process `pid` and all its descendants so far (a server's supervisor
-    and its workers). A descendant that exits between the reads is skipped, so the CPU of
-    one that exits during a measurement is missing from the difference."""
-    total = process_cpu_seconds(pid)
-    pending = child_pids(pid)
+def process_tree(pid: int) -> list[int]:
+    """Process `pid` and all its descendants now (a server's supervisor and its workers)."""
+    tree, pending = [], [pid]
     while pending:
-        child = pending.pop()
+        current = pending.pop()
+        tree.append(current)
+        pending += child_pids(current)
+    return tree
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and all its descendants so far. A descendant that exits
+    between the reads is skipped, so the CPU of one that exits during a measurement is
+    missing from the difference."""
+    total = process_cpu_seconds(pid)
+    for child in process_tree(pid)[1:]:
         try:
             total += process_cpu_seconds(child)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        pending += child_pids(child)
     return total
 
 
@@ -325,9 +332,7 @@ def process_tree_memory_mb(pid: int) -> dict[str, Any]:
     processes: what the tree costs the machine), in MB, and the process count."""
     rss = pss = 0
     count = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in process_tree(pid):
         try:
             rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -336,7 +341,6 @@ def process_tree_memory_mb(pid: int) -> dict[str, Any]:
         rss += int(fields["Rss"].split()[0])
         pss += int(fields["Pss"].split()[0])
         count += 1
-        pending += child_pids(current)
     return {"rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1), "processes": count}
 
 

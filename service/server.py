@@ -79,16 +79,22 @@ def uvicorn_config(app: FastAPI, settings: ServiceSettings, **overrides: Any) ->
     return uvicorn.Config(app, **options)
 
 
-def serve(settings: ServiceSettings) -> None:
-    """Build the app and run it in this process until a signal stops it (several
-    `workers`: `service.workers.serve_workers` starts and supervises them instead)."""
+def apply_thread_settings(settings: ServiceSettings) -> None:
+    """torch's intra-op threads and FAISS's OpenMP threads of this process (the batch
+    worker threads apply `faiss_threads` again on their own thread: `Retriever`)."""
     import faiss
     import torch
 
-    from service.app import create_app
-
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Build the app and run it in this process until a signal stops it (several
+    `workers`: `service.workers.serve_workers` starts and supervises them instead)."""
+    from service.app import create_app
+
+    apply_thread_settings(settings)
     app = create_app(settings, load_in_background=True)
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
     server.run()

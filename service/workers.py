@@ -142,14 +142,10 @@ def run_worker(
         log_level: the supervisor's logging level.
     """
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    import faiss
-    import torch
-
     from service.app import create_app
-    from service.server import ServiceServer, uvicorn_config
+    from service.server import ServiceServer, apply_thread_settings, uvicorn_config
 
-    torch.set_num_threads(settings.torch_threads)
-    faiss.omp_set_num_threads(settings.faiss_threads)
+    apply_thread_settings(settings)
     app = create_app(settings, on_loaded=loaded_mark.touch)  # loads before accepting
     server = ServiceServer(uvicorn_config(app, settings), app, settings.shutdown_drain_s)
     # uvicorn raises the stop signal again once it has stopped, to die of it; a worker

@@ -245,15 +245,24 @@ def test_sharded_flat_round_trip_equals_single_index(tmp_path: Path) -> None:
     np.testing.assert_allclose(reconstruct_all(sharded.index), vectors, atol=1e-7)
 
 
-def test_sharded_ivf_search_params_reach_every_shard(tmp_path: Path) -> None:
-    vectors = unit_vectors(400, 8)
-    trained = faiss.index_factory(8, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+def trained_shards(
+    factory: str, vectors: np.ndarray, split: int
+) -> tuple[faiss.Index, list[faiss.Index]]:
+    """An inner-product index trained on `vectors`, and two copies of it holding rows
+    [0, split) and [split, N): the shards of one IVF."""
+    trained = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     trained.train(vectors)
     parts = []
-    for start, end in ((0, 150), (150, 400)):
+    for start, end in ((0, split), (split, len(vectors))):
         part = faiss.clone_index(trained)
         part.add(vectors[start:end])
         parts.append(part)
+    return trained, parts
+
+
+def test_sharded_ivf_search_params_reach_every_shard(tmp_path: Path) -> None:
+    vectors = unit_vectors(400, 8)
+    trained, parts = trained_shards("IVF8,Flat", vectors, 150)
     single = faiss.clone_index(trained)
     single.add(vectors)
     ids = pa.array([str(i) for i in range(400)])
@@ -388,13 +397,7 @@ def test_every_index_kind_loads_memory_mapped(
 def test_sharded_ivf_loads_memory_mapped(tmp_path: Path) -> None:
     """Each shard file of a sharded IVF version is mapped on its own; answers unchanged."""
     vectors = unit_vectors(600, 8)
-    trained = faiss.index_factory(8, "IVF8,SQ8", faiss.METRIC_INNER_PRODUCT)
-    trained.train(vectors)
-    parts = []
-    for start, end in ((0, 250), (250, 600)):
-        part = faiss.clone_index(trained)
-        part.add(vectors[start:end])
-        parts.append(part)
+    _, parts = trained_shards("IVF8,SQ8", vectors, 250)
     ids = pa.array([str(i) for i in range(600)])
     write_index_version(
         tmp_path, "v1", assemble_shards(parts), None, ids, search_params={"nprobe": 4}

@@ -29,18 +29,12 @@ TINY = (
 
 
 def tiny(**changes: Any) -> TowerConfig:
-    values: dict[str, Any] = dict(
-        features=TINY,
-        cross_layers=1,
-        rank=2,
-        num_experts=2,
-        mask_hidden=3,
-        mlp_hidden=(5,),
-        head_hidden=(),
-        output_dim=2,
+    """The shared small tower, narrower still so the counts below stay hand-checkable:
+    1 cross layer of rank 2 (2 experts, mask hidden 3), MLP (5,), no head, output 2."""
+    sizes: dict[str, Any] = dict(
+        cross_layers=1, rank=2, mlp_hidden=(5,), head_hidden=(), output_dim=2
     )
-    values.update(changes)
-    return TowerConfig(**values)
+    return small_tower_config(TINY, **{**sizes, **changes})
 
 
 @pytest.mark.parametrize(
