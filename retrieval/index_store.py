@@ -335,12 +335,9 @@ def load_index_version(
     (`check_item_ids`); labels that are row positions (`check_row_labels`, no id map); a
     probe search finding rows in [0, N) with finite scores (`probe_search`).
 
-    With `mmap`, the inverted lists of IVF index files are memory-mapped read-only
-    instead of read (`retrieval.index_format.read_index_file`): they stay in the page
-    cache, one copy shared by every process serving the same version, and
-    `IndexVersion.use_list_scanner` scans them in place. This is safe because version
-    files are immutable (written once, published atomically). Other index kinds (Flat,
-    HNSW) are read into memory either way.
+    With `mmap`, the inverted lists of IVF index files are memory-mapped, not read (what
+    is mapped and why it is safe: `retrieval.index_format.read_index_file`), and
+    `IndexVersion.use_list_scanner` scans them in place.
 
     Raises:
         FileNotFoundError: no CURRENT (when `version` is None) or no such version.

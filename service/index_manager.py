@@ -95,12 +95,10 @@ class IndexManager:
         on_swap: metrics hook, called with (ok, version, num_items) after each attempt.
         list_scanner: search IVF-SQ8 versions with `retrieval.ivf_scan.ListScanner`
             (`IndexVersion.use_list_scanner`; other indexes keep FAISS's search).
-        mmap: load versions with ``load_index_version(..., mmap=True)``: IVF inverted
-            lists are memory-mapped read-only from the version's files, not read (nor
-            copied by the list scanner), so they stay in the page cache, one copy shared
-            by every process serving the same version. Safe because version files are
-            immutable (written once, published atomically); a swap maps the new
-            version's files and the old mapping goes when the old version is dropped.
+        mmap: load versions with ``load_index_version(..., mmap=True)``: IVF lists
+            memory-mapped (`retrieval.index_format.read_index_file`), one copy in the page
+            cache for every process serving the version; a swap maps the new version's
+            files and the old mapping goes when the old version is dropped.
     """
 
     def __init__(
