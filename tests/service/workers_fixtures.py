@@ -37,6 +37,27 @@ def children(pid: int) -> list[int]:
     return workers
 
 
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (its fds against /proc/net/tcp*)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                    return True
+    return False
+
+
 def metric(text: str, name: str, labels: str = "") -> float:
     """The value of one sample of the exposition `text` (0 when absent)."""
     pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
@@ -75,13 +96,14 @@ class Supervised:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, workers: int) -> list[int]:
-        """Wait until `workers` workers run and /readyz answers 200 on fresh connections
-        often enough to have met each of them; their pids."""
+        """Wait until `workers` workers run, each listens on the port (a worker listens only
+        once loaded), and /readyz answers 200; their pids."""
 
         def ready() -> bool:
             if self.process.poll() is not None:
                 return True
-            if len(children(self.process.pid)) != workers:
+            running = children(self.process.pid)
+            if len(running) != workers or not all(listening(p, self.port) for p in running):
                 return False
             try:
                 codes = {httpx.get(f"{self.url}/readyz", timeout=2).status_code for _ in range(10)}
