@@ -636,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     floors = [floor_at(retriever, jobs, size, args.floor_repeats) for size in sizes]
     floor_1 = min(floors[0]["mean_ms"], pre_floor["mean_ms"] if pre_floor else float("inf"))
     c1 = next((s for s in results["closed_loop"] if s["concurrency"] == 1), None)
-    ratio = round(c1["mean_ms"] / floor_1, 2) if c1 and "mean_ms" in c1 else None
+    c1_exact = c1["mean_ms"] / floor_1 if c1 and "mean_ms" in c1 else None
+    ratio = round(c1_exact, 2) if c1_exact is not None else None
     capacity = capacity_qps(cpu_count, floor_1)
     best = best_within_target(results["open_loop"], args.target_p99_ms)
     exact_over_capacity = best["offered_qps"] / capacity if best else None
@@ -648,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         rate_target_met = bool(
             exact_over_capacity and exact_over_capacity >= TARGET_RATE_OVER_CAPACITY
         )
-    c1_exact = c1["mean_ms"] / floor_1 if c1 and "mean_ms" in c1 else None
     c1_target_met = c1_exact <= TARGET_C1_OVER_FLOOR if c1_exact is not None else None
 
     report = {
